@@ -1,0 +1,99 @@
+"""The engine's own typed config: the original project's `training:` section plus what a real trainer needs."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+
+class TrainingConfig(BaseModel):
+    """How to train: steps, batch, optimiser, precision, evaluation, checkpoints."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    batch_size: int | None = None
+    """Micro-batch per GPU in sequences (null = chosen by the launcher's memory plan)."""
+    gradient_accumulation_steps: int | None = None
+    """Micro-batches per optimizer step (null = chosen so the global batch reaches tokens_per_step)."""
+    tokens_per_step: int = 65536
+    """Target global batch in tokens per optimizer step, used when batch_size or accumulation is automatic."""
+    max_steps: int = 50000
+    """Number of optimizer steps."""
+    learning_rate: float = 3e-4
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay floor as a fraction of learning_rate."""
+    warmup_steps: int = 2000
+    """Linear warm-up steps before the cosine decay."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only (not norms or biases)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+    fp16: bool = False
+    """Mixed precision with float16 and dynamic loss scaling."""
+    bf16: bool = False
+    """Mixed precision with bfloat16."""
+    zero_stage: Literal["auto", 0, 1, 2, 3] = "auto"
+    """DeepSpeed ZeRO stage, or 'auto' to let the memory plan choose."""
+    offload: Literal["auto", "none", "optimizer", "optimizer+params"] = "auto"
+    """CPU offload: 'none', 'optimizer' (DeepSpeedCPUAdam), 'optimizer+params' (ZeRO-3 only), or 'auto'."""
+    activation_checkpointing: bool | Literal["auto"] = "auto"
+    """Recompute block activations in the backward pass to save memory ('auto' = only if needed to fit)."""
+    eval_interval: int = 1000
+    """Evaluate on the validation split every this many steps (and at the end)."""
+    eval_batches: int = 20
+    """Micro-batches per rank in one evaluation."""
+    save_interval: int = 5000
+    """Save a resumable DeepSpeed checkpoint 'checkpoint_step_N' every this many steps (and at the end)."""
+    keep_last_checkpoints: int = 3
+    """How many 'checkpoint_step_N' folders to keep; older ones are deleted."""
+    log_interval: int = 10
+    """Write training metrics to TensorBoard every this many steps."""
+    seed: int = 42
+    """Seed of initialisation and data order."""
+    resume: bool = True
+    """Resume from the latest checkpoint in checkpoint_dir if there is one."""
+    sample_tokens: int = 120
+    """Tokens of sample text to generate after training (0 = none)."""
+    output_dir: str = "./outputs"
+    """Logs (TensorBoard) and run metadata."""
+    checkpoint_dir: str = "./checkpoints"
+    """final_model.pt, best_model.pt and checkpoint_step_N folders."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainingConfig":
+        problems = []
+        if self.fp16 and self.bf16:
+            problems.append("training.fp16 and training.bf16 are both true: set one of them to false")
+        for name in ("max_steps", "eval_interval", "eval_batches", "save_interval", "log_interval",
+                     "keep_last_checkpoints", "tokens_per_step"):
+            if getattr(self, name) < 1:
+                problems.append(f"training.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"training.{name} must be >= 1 or null (automatic), got {value}")
+        if self.learning_rate <= 0:
+            problems.append(f"training.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            problems.append(f"training.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            problems.append(f"training.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.offload == "optimizer+params" and self.zero_stage not in ("auto", 3):
+            problems.append("training.offload 'optimizer+params' needs ZeRO-3: set training.zero_stage=3 "
+                            "or training.offload=optimizer")
+        if self.offload == "optimizer" and self.zero_stage == 0:
+            problems.append("training.offload 'optimizer' needs ZeRO stage 1-3: set training.zero_stage to 1, 2 or 3")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.fp16 else "bf16" if self.bf16 else "fp32"

@@ -1,0 +1,47 @@
+"""Registry of model families: name -> class, imported lazily so listing models stays cheap."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from torch import nn
+
+from model.config import ModelConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelEntry:
+    """One registered model family."""
+
+    target: str
+    """'module:Class' of the nn.Module, built as Class(config)."""
+    description: str
+    """One line for --list_models."""
+
+
+_REGISTRY: dict[str, ModelEntry] = {
+    "transformer": ModelEntry(
+        target="model.transformer:Transformer",
+        description="decoder-only Transformer: RMSNorm, rotary embeddings, SwiGLU, grouped-query attention (SDPA)"),
+}
+
+
+def register_model(name: str, entry: ModelEntry) -> None:
+    if name in _REGISTRY:
+        raise ValueError(f"model type {name!r} is already registered")
+    _REGISTRY[name] = entry
+
+
+def list_models() -> dict[str, ModelEntry]:
+    return dict(_REGISTRY)
+
+
+def create_model(model_type: str, config: ModelConfig) -> nn.Module:
+    """Build the model family `model_type` from `config` (the original project's entry point)."""
+    if model_type not in _REGISTRY:
+        raise ValueError(f"unknown model_type {model_type!r}; available: {', '.join(sorted(_REGISTRY))}")
+    if config.model_type != model_type:
+        config = config.model_copy(update={"model_type": model_type})
+    module_name, class_name = _REGISTRY[model_type].target.split(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(config)
