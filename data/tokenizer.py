@@ -1,0 +1,132 @@
+"""SentencePiece BPE tokenizer: training from texts, and a small encode/decode wrapper."""
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import sentencepiece as spm
+
+# SentencePiece silently drops training sentences over 4192 bytes (its max_sentence_length default).
+MAX_LINE_BYTES = 4000
+# Sentences sampled for training: ~50 MB of paragraphs, far above the embedded corpus, and it bounds the time
+# and memory a later big corpus can cost.
+MAX_TRAINING_SENTENCES = 500_000
+
+# Llama's layout: unk 0, bos 1, eos 2, no pad piece (padding is masked out, it needs no token).
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+
+def split_long_line(line: str, max_bytes: int = MAX_LINE_BYTES) -> list[str]:
+    """Cut a line into pieces of at most max_bytes UTF-8 bytes, preferring to cut after a space."""
+    pieces: list[str] = []
+    while len(line.encode("utf-8")) > max_bytes:
+        # A code point takes at most 4 bytes, so max_bytes // 4 characters always fit; then grow greedily.
+        cut = max_bytes // 4
+        while cut < len(line) and len(line[:cut + 1].encode("utf-8")) <= max_bytes:
+            cut += 1
+        space = line.rfind(" ", 0, cut)
+        if space > 0:
+            cut = space + 1
+        pieces.append(line[:cut])
+        line = line[cut:]
+    pieces.append(line)
+    return pieces
+
+
+def training_sentences(texts: Iterable[str], max_bytes: int = MAX_LINE_BYTES) -> Iterator[str]:
+    """Paragraphs of the texts, packed line by line into pieces of at most max_bytes bytes."""
+    for text in texts:
+        for paragraph in text.split("\n\n"):
+            # Training on paragraphs, not single lines, lets BPE learn pieces that hold the newline ('.\n').
+            lines = [piece for line in paragraph.split("\n") for piece in split_long_line(line, max_bytes)]
+            chunk: list[str] = []
+            num_bytes = 0
+            for line in lines:
+                size = len(line.encode("utf-8")) + 1
+                if chunk and num_bytes + size > max_bytes:
+                    yield "\n".join(chunk)
+                    chunk, num_bytes = [], 0
+                chunk.append(line)
+                num_bytes += size
+            if chunk and any(line.strip() for line in chunk):
+                yield "\n".join(chunk)
+
+
+def train_tokenizer(
+    texts: Iterable[str], model_prefix: str | Path, vocab_size: int = 8192, *, seed: int = 0, num_threads: int = 2
+) -> Tokenizer:
+    """Train a byte-fallback BPE model on texts and write `<model_prefix>.model` atomically."""
+    model_path = Path(f"{model_prefix}.model")
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    # Same texts and seed -> same model: the seed fixes the sampling of sentences beyond the limit.
+    spm.set_random_generator_seed(seed)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=training_sentences(texts),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        # Unseen characters become UTF-8 byte pieces, so decode(encode(text)) == text for any text.
+        byte_fallback=True,
+        character_coverage=0.9995,
+        # Identity normalization and kept whitespace: without them NFKC and space-folding break round trips.
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_id=-1,
+        input_sentence_size=MAX_TRAINING_SENTENCES,
+        shuffle_input_sentence=True,
+        max_sentence_length=MAX_LINE_BYTES + 192,
+        num_threads=num_threads,
+        minloglevel=2,
+    )
+    temp_path = model_path.with_name(f"{model_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    temp_path.write_bytes(model.getvalue())
+    os.replace(temp_path, model_path)
+    return Tokenizer(model_path)
+
+
+class Tokenizer:
+    """A trained SentencePiece model: text <-> token ids."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"tokenizer model {self.path} does not exist")
+        self._processor = spm.SentencePieceProcessor(model_file=str(self.path))
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, byte and special pieces included."""
+        return self._processor.get_piece_size()
+
+    @property
+    def bos_id(self) -> int:
+        """Id of the beginning-of-sequence token."""
+        return self._processor.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        """Id of the end-of-sequence token, placed between documents."""
+        return self._processor.eos_id()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text, without bos/eos."""
+        return self._processor.encode(text)
+
+    def encode_batch(self, texts: list[str], *, num_threads: int = 1) -> list[list[int]]:
+        """Token ids of several texts, encoded by num_threads threads."""
+        return self._processor.encode(texts, num_threads=num_threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of token ids; bos/eos decode to nothing."""
+        return self._processor.decode([int(i) for i in ids])
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
