@@ -101,7 +101,8 @@ def test_sample_indices_rejects_bad_positions():
 
 
 def test_eval_indices_disjoint_across_ranks_and_wrap():
-    per_rank = [set(eval_indices(batch_index=b, rank=r, world_size=2, micro_batch=3)) for b in range(2) for r in range(2)]
+    per_rank = [set(eval_indices(batch_index=b, rank=r, world_size=2, micro_batch=3))
+                for b in range(2) for r in range(2)]
     assert set().union(*per_rank) == set(range(12)) and sum(map(len, per_rank)) == 12
     windows = TokenWindows(TOKENS, SEQ_LEN, seed=0, shuffle=False)
     # Position 12 of a 10-window split wraps to window 2.
