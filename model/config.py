@@ -58,7 +58,9 @@ class ModelConfig(BaseModel):
     ngroups: int = 1
     """Mamba-2: number of B/C groups."""
     chunk_size: int = 256
-    """Mamba: chunk length of the chunked scan."""
+    """Mamba-2: chunk length of the SSD scan (mamba-ssm default 256; 64 is faster for the CPU reference)."""
+    dt_rank: int | None = None
+    """Mamba-1: rank of the low-rank dt projection (null = ceil(d_model / 16), as mamba-ssm)."""
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -79,6 +81,18 @@ class ModelConfig(BaseModel):
             if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
                 problems.append(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads "
                                 f"({self.n_kv_heads}): set n_kv_heads to a divisor of n_heads")
+        if self.model_type == "mamba" and self.ssm_type == "mamba2":
+            d_inner = self.expand * self.d_model
+            if self.headdim < 1 or d_inner % self.headdim:
+                problems.append(f"expand * d_model = {d_inner} must be divisible by model.headdim ({self.headdim}): "
+                                "change model.headdim")
+            elif self.ngroups < 1 or (d_inner // self.headdim) % self.ngroups:
+                problems.append(f"the {d_inner // self.headdim} Mamba-2 heads must split into model.ngroups "
+                                f"({self.ngroups}) equal groups: set ngroups to a divisor of the head count")
+        if self.model_type == "mamba":
+            for name in ("d_state", "d_conv", "expand", "chunk_size"):
+                if getattr(self, name) < 1:
+                    problems.append(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if problems:
             raise ValueError("; ".join(problems))
         return self

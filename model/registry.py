@@ -23,6 +23,9 @@ _REGISTRY: dict[str, ModelEntry] = {
     "transformer": ModelEntry(
         target="model.transformer:Transformer",
         description="decoder-only Transformer: RMSNorm, rotary embeddings, SwiGLU, grouped-query attention (SDPA)"),
+    "mamba": ModelEntry(
+        target="model.mamba:MambaLM",
+        description="Mamba state-space LM: Mamba-2 SSD (default) or Mamba-1 selective-scan mixers, recurrent decoding"),
 }
 
 

@@ -1,0 +1,222 @@
+"""Mamba language model: Mamba-2 (SSD, the default) or Mamba-1 (selective scan) mixers in pre-norm blocks.
+
+Layout and parameter names follow mamba-ssm's MambaLMHeadModel (mamba_ssm/models/mixer_seq_simple.py), so a
+state dict moves between this model, mamba-ssm and, after `to_transformers_state_dict`, transformers'
+MambaForCausalLM / Mamba2ForCausalLM:
+    backbone.embedding             (V, C)
+    backbone.layers.N.norm         RMSNorm before the mixer
+    backbone.layers.N.mixer.*      in_proj, conv1d, [x_proj, dt_proj (Mamba-1)], dt_bias (Mamba-2), A_log, D,
+                                   [norm (Mamba-2 gated RMSNorm)], out_proj
+    backbone.norm_f                final RMSNorm
+    lm_head                        (V, C), tied to the embedding by default
+There are no positional embeddings and no attention: the mixers carry order through their recurrence, so
+generation keeps a constant-size state per layer (conv: d_conv inputs, SSM: N values per channel) and costs the
+same for every new token, however long the context.
+
+The residual stream is kept in fp32, as mamba-ssm's residual_in_fp32=True: in bf16 training each block adds a
+bf16 mixer output to an fp32 sum.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from model.config import ModelConfig
+from model.mamba_mixers import Mamba1Mixer, Mamba2Mixer, MixerState, RMSNorm
+
+
+class MambaBlock(nn.Module):
+    """x + dropout(mixer(norm(x))): mamba-ssm's Block with fused_add_norm, written unfused."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mixer = Mamba2Mixer(config) if config.ssm_type == "mamba2" else Mamba1Mixer(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.dropout(self.mixer(self.norm(x))).float()  # (B, T, C) fp32
+
+    def forward_with_state(self, x: Tensor) -> tuple[Tensor, MixerState]:
+        out, state = self.mixer(self.norm(x), return_state=True)
+        return x + out.float(), state
+
+    def step(self, x: Tensor, state: MixerState) -> Tensor:
+        return x + self.mixer.step(self.norm(x), state).float()  # (B, C) fp32
+
+
+class MambaBackbone(nn.Module):
+    """Holds the parameters under mamba-ssm's `backbone.` names."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(MambaBlock(config) for _ in range(config.n_layers))
+        self.norm_f = RMSNorm(config.d_model, config.norm_eps)
+
+
+class MambaLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.ssm_type == "mamba2" and (config.expand * config.d_model) % config.headdim:
+            raise ValueError(f"expand * d_model = {config.expand * config.d_model} must be divisible by "
+                             f"model.headdim ({config.headdim})")
+        self.config = config
+        # Recompute each block in the backward pass instead of storing its activations (training only).
+        self.gradient_checkpointing: bool = False
+        self.backbone = MambaBackbone(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """mamba-ssm's initialisation (mixer_seq_simple._init_weights with rescale_prenorm_residual=True):
+        linear and conv layers at PyTorch's default, linear biases zero, embedding N(0, init_std), each out_proj
+        divided by sqrt(n_layers) (GPT-2's residual scaling; one residual branch per block), and the SSM
+        parameters A_log, D and dt bias as each mixer defines them."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d)):
+                module.reset_parameters()
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+        nn.init.normal_(self.backbone.embedding.weight, mean=0.0, std=self.config.init_std)
+        for block in self.backbone.layers:
+            block.mixer.out_proj.weight.div_(self.config.n_layers ** 0.5)
+            block.mixer.reset_ssm_parameters()  # after the biases: Mamba-1's dt_proj.bias is the dt initialisation
+
+    def _logits(self, h: Tensor) -> Tensor:
+        h = self.backbone.norm_f(h)
+        return self.lm_head(h.to(self.lm_head.weight.dtype))
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, T, V) for idx (B, T); with targets (B, T), also the mean cross-entropy over all positions."""
+        h = self.backbone.embedding(idx).float()  # (B, T, C) fp32 residual stream
+        use_checkpoint = self.gradient_checkpointing and self.training
+        for block in self.backbone.layers:
+            # Non-reentrant: works with ZeRO-3's parameter hooks and keeps dropout masks (RNG is restored).
+            h = checkpoint(block, h, use_reentrant=False) if use_checkpoint else block(h)  # (B, T, C)
+        logits = self._logits(h)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            # fp32 loss: a bf16 log-softmax over 32k classes loses ~2 digits of the loss.
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    # ---- recurrent inference -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, idx: Tensor) -> tuple[Tensor, list[MixerState]]:
+        """Logits (B, T, V) of the prompt idx (B, T), computed in parallel (chunked scan), and the per-layer
+        recurrent state after its last token."""
+        h = self.backbone.embedding(idx).float()  # (B, T, C)
+        states = []
+        for block in self.backbone.layers:
+            h, state = block.forward_with_state(h)
+            states.append(state)
+        return self._logits(h), states
+
+    @torch.no_grad()
+    def step(self, token: Tensor, states: list[MixerState]) -> Tensor:
+        """Logits (B, V) of one token per row, token (B,), continuing from `states` (updated in place)."""
+        h = self.backbone.embedding(token).float()  # (B, C)
+        for block, state in zip(self.backbone.layers, states):
+            h = block.step(h, state)
+        return self._logits(h)
+
+    def allocate_states(self, batch: int, device: torch.device | None = None) -> list[MixerState]:
+        """Zero recurrent states: an empty context, for decoding from the first token with `step`."""
+        weight = self.lm_head.weight
+        return [block.mixer.allocate_state(batch, device or weight.device, weight.dtype)
+                for block in self.backbone.layers]
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 eos_id: int | None = None) -> Tensor:
+        """Append up to max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy.
+
+        The prompt runs once through the chunked scan; then each token is one recurrent step per layer, constant
+        time and memory however long the sequence (there is no context window to slide). Rows that emitted
+        eos_id keep emitting it; generation stops when all rows have.
+        """
+        logits, states = self.prefill(idx)
+        logits = logits[:, -1]  # (B, V)
+        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)  # (B,)
+        for step in range(max_new_tokens):
+            next_id = _sample(logits.float(), temperature, top_k)  # (B, 1)
+            if eos_id is not None:
+                next_id = torch.where(finished[:, None], torch.full_like(next_id, eos_id), next_id)
+                finished |= next_id[:, 0] == eos_id
+            idx = torch.cat((idx, next_id), dim=1)  # (B, T + 1)
+            if step == max_new_tokens - 1 or finished.all():
+                break
+            logits = self.step(next_id[:, 0], states)  # (B, V)
+        return idx
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameters, a tied matrix counted once. exclude_embeddings drops the token-embedding table (tied, that
+        is also lm_head's matrix); an untied lm_head stays counted."""
+        total = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
+        if exclude_embeddings:
+            total -= self.backbone.embedding.weight.numel()
+        return total
+
+
+def _sample(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
+    """One token id per row (B, 1) from logits (B, V)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+
+
+# ---- interoperability ----------------------------------------------------------------------------------------
+
+def to_transformers_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """This model's (= mamba-ssm's) keys -> transformers' Mamba/Mamba2ForCausalLM keys. The only difference is
+    the embedding's name, `backbone.embedding` vs `backbone.embeddings`; every tensor keeps its layout."""
+    return {key.replace("backbone.embedding.", "backbone.embeddings.", 1): value
+            for key, value in state_dict.items()}
+
+
+def from_transformers_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """transformers' Mamba/Mamba2ForCausalLM keys -> this model's (= mamba-ssm's) keys."""
+    return {key.replace("backbone.embeddings.", "backbone.embedding.", 1): value
+            for key, value in state_dict.items()}
+
+
+def transformers_config_kwargs(config: ModelConfig) -> dict[str, Any]:
+    """Keyword arguments for transformers' Mamba2Config (ssm_type mamba2) or MambaConfig (mamba1) describing the
+    same architecture (transformers itself is not imported: it is an optional dependency)."""
+    common = dict(vocab_size=config.vocab_size, hidden_size=config.d_model, state_size=config.d_state,
+                  num_hidden_layers=config.n_layers, layer_norm_epsilon=config.norm_eps, expand=config.expand,
+                  conv_kernel=config.d_conv, use_bias=False, use_conv_bias=True, residual_in_fp32=True,
+                  tie_word_embeddings=config.tie_embeddings)
+    if config.ssm_type == "mamba2":
+        return common | dict(num_heads=config.expand * config.d_model // config.headdim, head_dim=config.headdim,
+                             n_groups=config.ngroups, chunk_size=config.chunk_size)
+    return common | dict(time_step_rank=config.dt_rank or "auto")
+
+
+def mamba_ssm_config_kwargs(config: ModelConfig) -> dict[str, Any]:
+    """Keyword arguments for mamba_ssm.models.config_mamba.MambaConfig describing the same architecture.
+    pad_vocab_size_multiple=1 keeps the vocabulary unpadded (mamba-ssm pads to a multiple of 8 by default)."""
+    ssm_cfg: dict[str, Any] = dict(layer="Mamba2" if config.ssm_type == "mamba2" else "Mamba1",
+                                   d_state=config.d_state, d_conv=config.d_conv, expand=config.expand)
+    if config.ssm_type == "mamba2":
+        ssm_cfg |= dict(headdim=config.headdim, ngroups=config.ngroups, chunk_size=config.chunk_size)
+    elif config.dt_rank is not None:
+        ssm_cfg["dt_rank"] = config.dt_rank
+    return dict(d_model=config.d_model, d_intermediate=0, n_layer=config.n_layers, vocab_size=config.vocab_size,
+                ssm_cfg=ssm_cfg, rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
+                pad_vocab_size_multiple=1, tie_embeddings=config.tie_embeddings)
