@@ -62,8 +62,8 @@ def print_models() -> None:
 def print_datasets() -> None:
     from data import list_corpora
 
-    for name, description in list_corpora().items():
-        print(f"{name:<16} {description}")
+    for line in list_corpora():
+        print(line)
 
 
 def launched_by_deepspeed() -> bool:
