@@ -22,28 +22,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.ssm_ops import fused_kernel, use_fused
+from model.ssm_ops import fused_kernel, upcast, use_fused
 
 
 def _prepare(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, delta_bias: Tensor | None,
              delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """fp32 delta (B, D, L) after bias and softplus, and B, C as (B, G, N, L); A as (D, N) fp32."""
-    delta = delta.float()
+    delta = upcast(delta)
     if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
+        delta = delta + upcast(delta_bias)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    B = B.float() if B.dim() == 4 else B.float().unsqueeze(1)  # (B, G, N, L)
-    C = C.float() if C.dim() == 4 else C.float().unsqueeze(1)  # (B, G, N, L)
-    return delta, A.float(), B, C
+    B = upcast(B) if B.dim() == 4 else upcast(B).unsqueeze(1)  # (B, G, N, L)
+    C = upcast(C) if C.dim() == 4 else upcast(C).unsqueeze(1)  # (B, G, N, L)
+    return delta, upcast(A), B, C
 
 
 def _skip_and_gate(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
     """y + D u, times silu(z) when given; (B, D, L) fp32 math."""
     if D is not None:
-        y = y + u.float() * D.float()[:, None]
+        y = y + upcast(u) * upcast(D)[:, None]
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(upcast(z))
     return y
 
 
@@ -59,7 +59,7 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     Q = max(1, math.ceil(math.sqrt(seqlen)))  # chunk length: balances Q in-chunk steps against L/Q chunk steps
     chunks = -(-seqlen // Q)
     pad = chunks * Q - seqlen
-    du = delta * u.float()  # (B, D, L)
+    du = delta * upcast(u)  # (B, D, L)
     if pad:  # zero steps at the end: decay 1 and no input, so the last state passes through unchanged
         delta, du = F.pad(delta, (0, pad)), F.pad(du, (0, pad))
         B, C = F.pad(B, (0, pad)), F.pad(C, (0, pad))
@@ -89,8 +89,8 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     from_start = torch.exp(delta_q.cumsum(0) * A_)  # (Q, B, G, D/G, c, N)
 
     # Level 2: carry the state across chunks, one step per chunk (h holds every chunk's zero-start end state).
-    state = (u.new_zeros(batch, groups, per_group, dstate, dtype=torch.float32) if prev_state is None
-             else prev_state.float().view(batch, groups, per_group, dstate))
+    state = (delta.new_zeros(batch, groups, per_group, dstate) if prev_state is None
+             else upcast(prev_state).view(batch, groups, per_group, dstate))
     carries = []
     for decay_c, local_c in zip(from_start[-1].unbind(3), h.unbind(3)):
         carries.append(state)
@@ -116,8 +116,8 @@ def selective_scan_stepwise_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, 
     decay = torch.exp(delta.unsqueeze(-1) * A.unsqueeze(1))  # (B, D, L, N)
     Bd = B.repeat_interleave(per_group, dim=1)  # (B, D, N, L)
     Cd = C.repeat_interleave(per_group, dim=1)  # (B, D, N, L)
-    inputs = (delta * u.float()).unsqueeze(-1) * Bd.transpose(-1, -2)  # (B, D, L, N)
-    state = u.new_zeros(batch, dim, A.shape[1], dtype=torch.float32) if prev_state is None else prev_state.float()
+    inputs = (delta * upcast(u)).unsqueeze(-1) * Bd.transpose(-1, -2)  # (B, D, L, N)
+    state = delta.new_zeros(batch, dim, A.shape[1]) if prev_state is None else upcast(prev_state)
     ys = []
     for decay_t, input_t, C_t in zip(decay.unbind(2), inputs.unbind(2), Cd.unbind(3)):
         state = decay_t * state + input_t  # (B, D, N)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.ssm_ops import fused_kernel, use_fused
+from model.ssm_ops import fused_kernel, upcast, use_fused
 
 _NO_LIMIT = (0.0, float("inf"))
 
@@ -26,9 +26,9 @@ _NO_LIMIT = (0.0, float("inf"))
 def _discretize_dt(dt: Tensor, dt_bias: Tensor | None, dt_softplus: bool,
                    dt_limit: tuple[float, float]) -> Tensor:
     """The step sizes dt (B, L, H) in fp32: + bias, softplus, clamp, in mamba-ssm's order."""
-    dt = dt.float()
+    dt = upcast(dt)
     if dt_bias is not None:
-        dt = dt + dt_bias.float()
+        dt = dt + upcast(dt_bias)
     if dt_softplus:
         dt = F.softplus(dt)
     if tuple(dt_limit) != _NO_LIMIT:
@@ -39,10 +39,10 @@ def _discretize_dt(dt: Tensor, dt_bias: Tensor | None, dt_softplus: bool,
 def _skip_and_gate(y: Tensor, x: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
     """y + D x, times silu(z) when given; y, x, z (B, L, H, P) fp32 math."""
     if D is not None:
-        D = D.float() if D.dim() == 2 else D.float()[:, None]  # (H, P) or (H, 1)
-        y = y + x.float() * D
+        D = upcast(D) if D.dim() == 2 else upcast(D)[:, None]  # (H, P) or (H, 1)
+        y = y + upcast(x) * D
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(upcast(z))
     return y
 
 
@@ -60,9 +60,9 @@ def ssd_chunk_scan_ref(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, c
     pad = chunks * Q - seqlen
 
     dt = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit)  # (B, L, H)
-    xdt = x.float() * dt.unsqueeze(-1)  # (B, L, H, P): the input scaled by its step, dt_t x_t
-    log_decay = dt * A.float()  # (B, L, H): log of exp(dt A), <= 0
-    Bf, Cf = B.float(), C.float()
+    xdt = upcast(x) * dt.unsqueeze(-1)  # (B, L, H, P): the input scaled by its step, dt_t x_t
+    log_decay = dt * upcast(A)  # (B, L, H): log of exp(dt A), <= 0
+    Bf, Cf = upcast(B), upcast(C)
     if pad:  # zero steps at the end: decay exp(0) = 1 and no input, so the final state passes through unchanged
         xdt, log_decay = F.pad(xdt, (0, 0, 0, 0, 0, pad)), F.pad(log_decay, (0, 0, 0, pad))
         Bf, Cf = F.pad(Bf, (0, 0, 0, 0, 0, pad)), F.pad(Cf, (0, 0, 0, 0, 0, pad))
@@ -87,9 +87,9 @@ def ssd_chunk_scan_ref(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, c
     # 3. Pass states between chunks, one step per chunk (sequential, like the kernel's state passing).
     chunk_decay = torch.exp(cum[..., -1])[..., None, None]  # (B, c, G, H/G, 1, 1)
     if initial_states is None:
-        state = x.new_zeros(batch, groups, per_group, headdim, dstate, dtype=torch.float32)
+        state = xdt.new_zeros(batch, groups, per_group, headdim, dstate)
     else:
-        state = initial_states.float().view(batch, groups, per_group, headdim, dstate)
+        state = upcast(initial_states).view(batch, groups, per_group, headdim, dstate)
     starts = []
     for decay_c, added_c in zip(chunk_decay.unbind(1), chunk_states.unbind(1)):
         starts.append(state)
@@ -118,12 +118,12 @@ def ssd_scan_stepwise_ref(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
     batch, seqlen, heads, headdim = x.shape
     per_group = heads // B.shape[2]
     dt = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit)  # (B, L, H)
-    decay = torch.exp(dt * A.float())[..., None, None]  # (B, L, H, 1, 1)
-    xdt = (x.float() * dt.unsqueeze(-1)).unsqueeze(-1)  # (B, L, H, P, 1)
-    Bh = B.float().repeat_interleave(per_group, dim=2).unsqueeze(3)  # (B, L, H, 1, N)
-    Ch = C.float().repeat_interleave(per_group, dim=2).unsqueeze(-1)  # (B, L, H, N, 1)
-    state = (x.new_zeros(batch, heads, headdim, B.shape[3], dtype=torch.float32) if initial_states is None
-             else initial_states.float())  # (B, H, P, N)
+    decay = torch.exp(dt * upcast(A))[..., None, None]  # (B, L, H, 1, 1)
+    xdt = (upcast(x) * dt.unsqueeze(-1)).unsqueeze(-1)  # (B, L, H, P, 1)
+    Bh = upcast(B).repeat_interleave(per_group, dim=2).unsqueeze(3)  # (B, L, H, 1, N)
+    Ch = upcast(C).repeat_interleave(per_group, dim=2).unsqueeze(-1)  # (B, L, H, N, 1)
+    state = (xdt.new_zeros(batch, heads, headdim, B.shape[3]) if initial_states is None
+             else upcast(initial_states))  # (B, H, P, N)
     ys = []
     for decay_t, xdt_t, B_t, C_t in zip(decay.unbind(1), xdt.unbind(1), Bh.unbind(1), Ch.unbind(1)):
         state = decay_t * state + xdt_t * B_t  # (B, H, P, N)

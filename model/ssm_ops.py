@@ -132,6 +132,12 @@ def flush_denormals() -> Iterator[None]:
             torch.set_flush_denormal(False)
 
 
+def upcast(t: Tensor) -> Tensor:
+    """t in fp32, or fp64 when it is fp64: the references compute in at least fp32 (as the kernels accumulate),
+    and keep fp64 for gradcheck."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Causal depthwise convolution (the short conv before the SSM; Gu & Dao 2023, section 3.4, Figure 3)
 # --------------------------------------------------------------------------------------------------------------
@@ -189,15 +195,15 @@ def rmsnorm_gated_ref(x: Tensor, weight: Tensor, z: Tensor | None = None, eps: f
     """RMSNorm over groups of group_size channels of x (..., D), gated by silu(z): norm(x * silu(z)) or, with
     norm_before_gate, norm(x) * silu(z). Computed in fp32, returned in x's dtype."""
     dtype = x.dtype
-    h = x.float()
+    h = upcast(x)
     if z is not None and not norm_before_gate:
-        h = h * F.silu(z.float())
+        h = h * F.silu(upcast(z))
     group_size = group_size or h.size(-1)
     grouped = h.unflatten(-1, (h.size(-1) // group_size, group_size))  # (..., G, D/G)
     h = (grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2)  # (..., D)
-    h = h * weight.float()
+    h = h * upcast(weight)
     if z is not None and norm_before_gate:
-        h = h * F.silu(z.float())
+        h = h * F.silu(upcast(z))
     return h.to(dtype)
 
 
@@ -235,21 +241,21 @@ def selective_state_update_ref(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, 
         D = D.unsqueeze(0) if D is not None else None
         dt_bias = dt_bias.unsqueeze(0) if dt_bias is not None else None
     heads, groups = state.size(1), B.size(1)
-    dt = dt.float()
+    dt = upcast(dt)
     if dt_bias is not None:
-        dt = dt + dt_bias.float()
+        dt = dt + upcast(dt_bias)
     if dt_softplus:
         dt = F.softplus(dt)
-    dA = torch.exp(dt.unsqueeze(-1) * A.float())  # (B, H, P, N)
-    Bh = B.float().repeat_interleave(heads // groups, dim=1).unsqueeze(2)  # (B, H, 1, N)
-    Ch = C.float().repeat_interleave(heads // groups, dim=1).unsqueeze(2)  # (B, H, 1, N)
-    new_state = state.float() * dA + (dt * x.float()).unsqueeze(-1) * Bh  # (B, H, P, N)
+    dA = torch.exp(dt.unsqueeze(-1) * upcast(A))  # (B, H, P, N)
+    Bh = upcast(B).repeat_interleave(heads // groups, dim=1).unsqueeze(2)  # (B, H, 1, N)
+    Ch = upcast(C).repeat_interleave(heads // groups, dim=1).unsqueeze(2)  # (B, H, 1, N)
+    new_state = upcast(state) * dA + (dt * upcast(x)).unsqueeze(-1) * Bh  # (B, H, P, N)
     state.copy_(new_state.to(state.dtype))
     y = (new_state * Ch).sum(-1)  # (B, H, P)
     if D is not None:
-        y = y + x.float() * D.float()
+        y = y + upcast(x) * upcast(D)
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(upcast(z))
     y = y.to(x.dtype)
     return y if has_heads else y.squeeze(1)
 
