@@ -190,10 +190,11 @@ def test_state_dict_uses_mamba_ssm_names_and_layouts(ssm_type):
     d, di, n, w, v = 32, 64, 8, 4, 64
     common = {"backbone.embedding.weight": (v, d), "backbone.layers.0.norm.weight": (d,),
               "backbone.norm_f.weight": (d,), "lm_head.weight": (v, d),
-              "backbone.layers.0.mixer.out_proj.weight": (d, di), "backbone.layers.0.mixer.conv1d.bias": None}
+              "backbone.layers.0.mixer.out_proj.weight": (d, di)}
     if ssm_type == "mamba2":
         h, conv_dim = di // 16, di + 2 * n
-        mixer = {"in_proj.weight": (2 * di + 2 * n + h, d), "conv1d.weight": (conv_dim, 1, w), "conv1d.bias": (conv_dim,),
+        mixer = {"in_proj.weight": (2 * di + 2 * n + h, d), "conv1d.weight": (conv_dim, 1, w),
+                 "conv1d.bias": (conv_dim,),
                  "dt_bias": (h,), "A_log": (h,), "D": (h,), "norm.weight": (di,)}
     else:
         r = 2  # ceil(32 / 16)
@@ -413,7 +414,8 @@ def test_fused_conv_and_gated_norm_match_reference(dtype, tol):
     require_kernel("causal_conv1d_fn")
     require_kernel("rmsnorm_fn")
     x = torch.randn(2, 256, 100, device="cuda", dtype=dtype)
-    conv = dict(x=x.transpose(1, 2).contiguous().transpose(1, 2), weight=torch.randn(256, 4, device="cuda", dtype=dtype),
+    conv = dict(x=x.transpose(1, 2).contiguous().transpose(1, 2),  # channel-last, the layout the mixers pass
+                weight=torch.randn(256, 4, device="cuda", dtype=dtype),
                 bias=torch.randn(256, device="cuda", dtype=dtype))
     assert_outputs_and_grads_close(causal_conv1d_fused, causal_conv1d_ref, conv, dict(activation="silu"), tol, tol)
     norm = dict(x=torch.randn(2, 100, 256, device="cuda", dtype=dtype),
