@@ -18,6 +18,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "learning_rate": 2e-3, "warmup_steps": 30, "weight_decay": 0.1, "eval_interval": 100,
                      "eval_batches": 8, "save_interval": 100, "log_interval": 10},
     },
+    # The Mamba counterpart of 'tiny': 5.6M parameters (3.5M without embeddings, tiny's 3.0M), two Mamba-2 blocks
+    # per Transformer block (as the published Mamba sizes, above); d_state 64 and chunk 64 keep the CPU SSD scan
+    # cheap. Same training section as 'tiny'.
+    "tiny_mamba": {
+        "model_type": "mamba",
+        "model": {"d_model": 256, "n_layers": 8, "ssm_type": "mamba2", "d_state": 64, "headdim": 64, "expand": 2,
+                  "chunk_size": 64, "vocab_size": 8192, "max_seq_len": 256, "dropout": 0.0},
+        "training": {"batch_size": 16, "gradient_accumulation_steps": 1, "max_steps": 300,
+                     "learning_rate": 2e-3, "warmup_steps": 30, "weight_decay": 0.1, "eval_interval": 100,
+                     "eval_batches": 8, "save_interval": 100, "log_interval": 10},
+    },
     # ~48M parameters (the original's 'test_small', 50M): quick validation of a real GPU setup.
     "test_small": {
         "model_type": "transformer",
@@ -43,8 +54,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "training": {"max_steps": 50000, "learning_rate": 3e-4, "warmup_steps": 2000, "bf16": True,
                      "tokens_per_step": 4194304, "save_interval": 5000},
     },
-    # Mamba-2 1.3B (state-spaces/mamba2-1.3b config.json; Dao & Gu 2024, arXiv:2405.21060): 48 layers,
-    # d 2048, d_state 128, headdim 64, expand 2.
+    # Mamba-2 1.3B (state-spaces/mamba2-1.3b config.json: d_model 2048, n_layer 48, ssm_cfg layer Mamba2 with
+    # mamba-ssm's defaults d_state 128, d_conv 4, expand 2, headdim 64, ngroups 1; tied embeddings; Dao & Gu 2024,
+    # arXiv:2405.21060, section 9.2). The same 48 x 2048 shape as Mamba-1's mamba-1.4b (Gu & Dao 2023,
+    # arXiv:2312.00752, section 4.2): Mamba stacks two blocks per Transformer layer, since one block has ~6 d^2
+    # parameters against attention + MLP's ~12 d^2. The original project's "1B Mamba" of d_model 1536 x 24 layers
+    # would hold only 0.40B parameters (0.35B without embeddings); 1536 wide is mamba-790m's width, at 48 layers.
+    # With this project's 32k vocabulary (the source uses GPT-NeoX's, 50280): 1.31B parameters, 1.24B non-embedding.
     "1b_mamba": {
         "model_type": "mamba",
         "model": {"d_model": 2048, "n_layers": 48, "ssm_type": "mamba2", "d_state": 128, "headdim": 64,
@@ -52,12 +68,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "training": {"max_steps": 50000, "learning_rate": 4e-4, "warmup_steps": 2000, "bf16": True,
                      "tokens_per_step": 1048576, "save_interval": 5000},
     },
-    # Mamba-Codestral-7B (mistralai/Mamba-Codestral-7B-v0.1 config.json): Mamba-2, 64 layers, d 4096,
-    # d_state 128, headdim 64, 8 groups, expand 2.
+    # Mamba-Codestral-7B (mistralai/Mamba-Codestral-7B-v0.1 params.json: dim 4096, n_layers 64, n_groups 8,
+    # untied embeddings, vocabulary 32768; Mamba-2 defaults d_state 128, headdim 64, expand 2, chunk 256).
+    # With this project's 32k vocabulary: 7.28B parameters (the source: 7.29B).
     "7b_mamba": {
         "model_type": "mamba",
         "model": {"d_model": 4096, "n_layers": 64, "ssm_type": "mamba2", "d_state": 128, "headdim": 64,
-                  "ngroups": 8, "expand": 2, "vocab_size": 32000, "max_seq_len": 4096},
+                  "ngroups": 8, "expand": 2, "vocab_size": 32000, "max_seq_len": 4096, "tie_embeddings": False},
         "training": {"max_steps": 50000, "learning_rate": 3e-4, "warmup_steps": 2000, "bf16": True,
                      "tokens_per_step": 4194304, "save_interval": 5000},
     },
