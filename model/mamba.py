@@ -18,7 +18,8 @@ bf16 mixer output to an fp32 sum.
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -38,15 +39,14 @@ class MambaBlock(nn.Module):
         self.mixer = Mamba2Mixer(config) if config.ssm_type == "mamba2" else Mamba1Mixer(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.dropout(self.mixer(self.norm(x))).float()  # (B, T, C) fp32
-
-    def forward_with_state(self, x: Tensor) -> tuple[Tensor, MixerState]:
-        out, state = self.mixer(self.norm(x), return_state=True)
-        return x + out.float(), state
-
-    def step(self, x: Tensor, state: MixerState) -> Tensor:
-        return x + self.mixer.step(self.norm(x), state).float()  # (B, C) fp32
+    def forward(self, x: Tensor, state: MixerState | None = None,
+                return_state: bool = False) -> Tensor | tuple[Tensor, MixerState]:
+        """x (B, T, C) fp32 -> (B, T, C) [, the state after it]; with a state, one decode step on x (B, C)."""
+        out = self.mixer(self.norm(x), state=state, return_state=return_state)
+        if return_state:
+            out, new_state = out
+            return x + out.float(), new_state
+        return x + self.dropout(out).float()
 
 
 class MambaBackbone(nn.Module):
@@ -81,16 +81,21 @@ class MambaLM(nn.Module):
         divided by sqrt(n_layers) (GPT-2's residual scaling; one residual branch per block), and the SSM
         parameters A_log, D and dt bias as each mixer defines them."""
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv1d)):
-                module.reset_parameters()
-                if isinstance(module, nn.Linear) and module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-        nn.init.normal_(self.backbone.embedding.weight, mean=0.0, std=self.config.init_std)
+            if isinstance(module, (nn.Linear, nn.Conv1d, RMSNorm)):
+                with _gathered(module.parameters(recurse=False)):
+                    if isinstance(module, RMSNorm):
+                        module.weight.fill_(1.0)
+                        continue
+                    module.reset_parameters()
+                    if isinstance(module, nn.Linear) and module.bias is not None:
+                        nn.init.zeros_(module.bias)
+        with _gathered([self.backbone.embedding.weight]):  # after lm_head's reset: a tied lm_head shares it
+            nn.init.normal_(self.backbone.embedding.weight, mean=0.0, std=self.config.init_std)
         for block in self.backbone.layers:
-            block.mixer.out_proj.weight.div_(self.config.n_layers ** 0.5)
-            block.mixer.reset_ssm_parameters()  # after the biases: Mamba-1's dt_proj.bias is the dt initialisation
+            mixer = block.mixer
+            with _gathered(mixer.parameters()):
+                mixer.out_proj.weight.div_(self.config.n_layers ** 0.5)
+                mixer.reset_ssm_parameters()  # after the biases: Mamba-1's dt_proj.bias is the dt initialisation
 
     def _logits(self, h: Tensor) -> Tensor:
         h = self.backbone.norm_f(h)
@@ -119,7 +124,7 @@ class MambaLM(nn.Module):
         h = self.backbone.embedding(idx).float()  # (B, T, C)
         states = []
         for block in self.backbone.layers:
-            h, state = block.forward_with_state(h)
+            h, state = block(h, return_state=True)
             states.append(state)
         return self._logits(h), states
 
@@ -128,7 +133,7 @@ class MambaLM(nn.Module):
         """Logits (B, V) of one token per row, token (B,), continuing from `states` (updated in place)."""
         h = self.backbone.embedding(token).float()  # (B, C)
         for block, state in zip(self.backbone.layers, states):
-            h = block.step(h, state)
+            h = block(h, state=state)  # (B, C)
         return self._logits(h)
 
     def allocate_states(self, batch: int, device: torch.device | None = None) -> list[MixerState]:
@@ -163,10 +168,26 @@ class MambaLM(nn.Module):
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameters, a tied matrix counted once. exclude_embeddings drops the token-embedding table (tied, that
         is also lm_head's matrix); an untied lm_head stays counted."""
-        total = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
+        total = sum(_numel(p) for p in self.parameters())  # parameters() yields a shared tensor once
         if exclude_embeddings:
-            total -= self.backbone.embedding.weight.numel()
+            total -= _numel(self.backbone.embedding.weight)
         return total
+
+
+def _numel(p: Tensor) -> int:
+    return getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partitioned parameter holds an empty tensor
+
+
+def _gathered(params: Iterable[nn.Parameter]) -> contextlib.AbstractContextManager:
+    """Whole-tensor access to parameters for initialisation. Under deepspeed.zero.Init (ZeRO-3) parameters are
+    partitioned as soon as their module is built; gathering with modifier_rank=0 writes rank 0's values and
+    broadcasts them (DeepSpeed docs, "Modifying Partitioned Parameters")."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed  # only reached when DeepSpeed built the parameters
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
 
 
 def _sample(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:

@@ -7,8 +7,10 @@ Mamba1Mixer: mamba_ssm/modules/mamba_simple.py (Gu & Dao 2023, arXiv:2312.00752,
 projection [x, z], causal conv over x, x_proj -> [dt (low rank), B, C], dt_proj, the selective scan gated by z,
 the output projection.
 
-Each mixer runs a whole sequence (training, prefill: `forward`) or one token against a recurrent state (decode:
-`step`); the state is (conv_state (B, conv_dim, d_conv), ssm_state), mamba-ssm's inference-cache layout.
+Each mixer's forward runs a whole sequence (training, prefill) or, given a recurrent state, one token (decode);
+the state is (conv_state (B, conv_dim, d_conv), ssm_state), mamba-ssm's inference-cache layout. Both go through
+forward so that ZeRO-3's hooks gather the parameters; conv1d and dt_proj are used by the mixer itself, not
+through their own forward, so `register_zero3_external_parameters` declares them to ZeRO-3.
 """
 from __future__ import annotations
 
@@ -65,6 +67,20 @@ def inverse_softplus_dt(size: int | tuple[int, ...]) -> Tensor:
     return dt + torch.log(-torch.expm1(-dt))  # inverse of softplus, pytorch/pytorch#72759
 
 
+def register_zero3_external_parameters(mixer: nn.Module) -> None:
+    """Declare the child parameters the mixer reads directly (conv1d's weight and bias, Mamba-1's dt_proj) to
+    ZeRO-3, which otherwise gathers a module's parameters only around that module's own forward (DeepSpeed docs,
+    "Registering External Parameters"). A no-op unless the mixer was built under deepspeed.zero.Init."""
+    children = [mixer.conv1d] + ([mixer.dt_proj] if hasattr(mixer, "dt_proj") else [])
+    params = [p for child in children for p in child.parameters()]
+    if not any(hasattr(p, "ds_id") for p in params):
+        return
+    import deepspeed  # only reached when DeepSpeed built the parameters
+
+    for p in params:
+        deepspeed.zero.register_external_parameter(mixer, p)
+
+
 def _no_weight_decay(*params: nn.Parameter) -> None:
     """Mark parameters as mamba-ssm does: A_log, D and dt biases are excluded from weight decay."""
     for p in params:
@@ -90,6 +106,7 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(self.d_inner, config.norm_eps, group_size=self.d_inner // self.ngroups)
         self.out_proj = nn.Linear(self.d_inner, config.d_model, bias=False)
         _no_weight_decay(self.dt_bias, self.A_log, self.D)
+        register_zero3_external_parameters(self)
 
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
@@ -100,8 +117,12 @@ class Mamba2Mixer(nn.Module):
     def _split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
 
-    def forward(self, u: Tensor, return_state: bool = False) -> Tensor | tuple[Tensor, MixerState]:
-        """u (B, L, d_model) -> (B, L, d_model) [, the recurrent state after the last position]."""
+    def forward(self, u: Tensor, state: MixerState | None = None,
+                return_state: bool = False) -> Tensor | tuple[Tensor, MixerState]:
+        """u (B, L, d_model) -> (B, L, d_model) [, the recurrent state after the last position]; with a state, one
+        decode step: u (B, d_model) -> (B, d_model), the state updated in place."""
+        if state is not None:
+            return self._step(u, state)
         batch, seqlen, _ = u.shape
         z, xBC, dt = self._split(self.in_proj(u))  # (B, L, Di), (B, L, conv_dim), (B, L, H)
         xBC_t = xBC.transpose(1, 2)  # (B, conv_dim, L)
@@ -124,8 +145,7 @@ class Mamba2Mixer(nn.Module):
         ssm_state = torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device, dtype=torch.float32)
         return conv_state, ssm_state
 
-    def step(self, u: Tensor, state: MixerState) -> Tensor:
-        """One token u (B, d_model) -> (B, d_model); `state` is updated in place."""
+    def _step(self, u: Tensor, state: MixerState) -> Tensor:
         conv_state, ssm_state = state
         batch = u.size(0)
         z, xBC, dt = self._split(self.in_proj(u))  # (B, Di), (B, conv_dim), (B, H)
@@ -155,6 +175,7 @@ class Mamba1Mixer(nn.Module):
         self.D = nn.Parameter(torch.empty(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, config.d_model, bias=False)
         _no_weight_decay(self.A_log, self.D, self.dt_proj.bias)
+        register_zero3_external_parameters(self)
 
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
@@ -170,8 +191,12 @@ class Mamba1Mixer(nn.Module):
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         return F.linear(dt, self.dt_proj.weight), B, C  # bias goes into the scan as delta_bias, as in mamba-ssm
 
-    def forward(self, u: Tensor, return_state: bool = False) -> Tensor | tuple[Tensor, MixerState]:
-        """u (B, L, d_model) -> (B, L, d_model) [, the recurrent state after the last position]."""
+    def forward(self, u: Tensor, state: MixerState | None = None,
+                return_state: bool = False) -> Tensor | tuple[Tensor, MixerState]:
+        """u (B, L, d_model) -> (B, L, d_model) [, the recurrent state after the last position]; with a state, one
+        decode step: u (B, d_model) -> (B, d_model), the state updated in place."""
+        if state is not None:
+            return self._step(u, state)
         xz = self.in_proj(u).transpose(1, 2)  # (B, 2 Di, L)
         x, z = xz.chunk(2, dim=1)  # (B, Di, L) each
         x_conv = causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")  # (B, Di, L)
@@ -191,8 +216,7 @@ class Mamba1Mixer(nn.Module):
         ssm_state = torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=torch.float32)
         return conv_state, ssm_state
 
-    def step(self, u: Tensor, state: MixerState) -> Tensor:
-        """One token u (B, d_model) -> (B, d_model); `state` is updated in place."""
+    def _step(self, u: Tensor, state: MixerState) -> Tensor:
         conv_state, ssm_state = state
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, Di) each
         x = causal_conv1d_update(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
