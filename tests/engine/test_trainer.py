@@ -64,22 +64,41 @@ def test_checkpoints_are_self_describing_and_pruned(tmp_path, data_cache, proces
     assert (tmp_path / "out" / "tensorboard").is_dir() and any((tmp_path / "out" / "tensorboard").iterdir())
 
 
+class CrashAtStep(Trainer):
+    """A run that dies (as if killed) when it reaches `crash_at` steps, after the checkpoint at step 3."""
+
+    crash_at = 5
+
+    def train_step(self):
+        if self.step == self.crash_at:
+            raise KeyboardInterrupt("simulated preemption")
+        return super().train_step()
+
+
+def make_crashing_trainer(tmp_path, data_cache, **kwargs):
+    trainer = make_trainer(tmp_path, data_cache, **kwargs)
+    trainer.__class__ = CrashAtStep
+    return trainer
+
+
 @pytest.mark.parametrize("zero_stage", [0, 2, 3])
 def test_resume_continues_exactly(tmp_path, data_cache, process_group, zero_stage):
-    straight = make_trainer(tmp_path / "a", data_cache, zero_stage=zero_stage, max_steps=6)
+    straight = make_trainer(tmp_path / "a", data_cache, zero_stage=zero_stage, max_steps=7)
     straight.train()
     expected = params_of(straight)
 
-    first = make_trainer(tmp_path / "b", data_cache, zero_stage=zero_stage, max_steps=3)
-    first.train()
-    resumed = make_trainer(tmp_path / "b", data_cache, zero_stage=zero_stage, max_steps=6)
+    interrupted = make_crashing_trainer(tmp_path / "b", data_cache, zero_stage=zero_stage, max_steps=7)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train()
+    assert latest_tag(tmp_path / "b" / "ckpt") == "checkpoint_step_3"  # steps 4-5 were lost with the crash
+    resumed = make_trainer(tmp_path / "b", data_cache, zero_stage=zero_stage, max_steps=7)
     resumed.setup()
     assert resumed.step == 3
     resumed.train()
     got = params_of(resumed)
     assert expected.keys() == got.keys()
     for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
 
 
 def test_final_model_loads_with_the_original_snippet(tmp_path, data_cache, process_group):
