@@ -1,14 +1,88 @@
-"""The training plan: ZeRO stage, offload, micro-batch, accumulation and activation checkpointing.
+"""The training plan: ZeRO stage, offload, micro-batch, accumulation and activation checkpointing, chosen from the
+memory estimate (launcher/memory.py) so that the run fits before it starts.
 
-Placeholder until the memory-driven planner lands (issue 3): it respects explicit config values and picks
-conservative defaults for 'auto'.
+Every layout the config allows is evaluated at the largest micro-batch that fits; the fastest one wins:
+1. no offload before optimizer offload before parameter offload (host Adam and PCIe traffic are the slowest);
+2. no activation checkpointing before checkpointing (it recomputes the forward pass: ~1/3 more compute);
+3. ZeRO 0-2 before ZeRO-3 (ZeRO-1/2 communicate as much as plain data parallelism, ZeRO-3 1.5x: Rajbhandari et
+   al. 2020, section 7);
+4. the larger micro-batch; then the lower stage.
+Gradient accumulation then brings the global batch to training.tokens_per_step. Explicit config values are kept
+and checked; if nothing fits, PlanError says what would.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import os
+import re
+from dataclasses import dataclass, field, replace
 
 from engine.config import TrainingConfig
+from launcher.memory import Layout, MemoryEstimate, estimate_memory
 from model.config import ModelConfig
+
+SAFETY_MARGIN = 0.05
+"""Fraction of each GPU's (or the host's) memory the plan leaves unused, on top of the estimate's own
+fragmentation and CUDA-context allowances: other processes, driver growth, estimate error."""
+MAX_MICRO_BATCH = 64
+"""Largest micro-batch tried (powers of two up to it): beyond this, GPUs gain no throughput on these sizes."""
+GIB = 1 << 30
+
+
+class PlanError(ValueError):
+    """No layout fits; the message names what would."""
+
+    def __init__(self, message: str, candidates: tuple["Candidate", ...] = ()):
+        super().__init__(message)
+        self.candidates = candidates
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryBudget:
+    """Memory a plan may use, and where the figures come from."""
+
+    gpu_bytes: int | None
+    """Usable memory of one rank's device (the smallest free memory of the GPUs used); None = no limit."""
+    cpu_bytes: int | None
+    """Host RAM available on one node; None = no limit."""
+    ranks_per_node: int = 1
+    """Ranks sharing that host RAM."""
+    on_cuda: bool = True
+    """Ranks run on CUDA GPUs; False: CPU ranks, whose 'GPU memory' is the host RAM itself."""
+    fused_ssm_kernels: bool = True
+    """mamba-ssm's fused kernels will run (otherwise Mamba uses the PyTorch reference ops)."""
+    source: str = "no memory limit given"
+    """Human-readable origin of the figures, for the dry-run table."""
+
+
+UNLIMITED = MemoryBudget(gpu_bytes=None, cpu_bytes=None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Candidate:
+    """One evaluated layout at its largest fitting micro-batch (or micro-batch 1 when none fits)."""
+
+    zero_stage: int
+    """DeepSpeed ZeRO stage."""
+    offload: str
+    """'none', 'optimizer' or 'optimizer+params'."""
+    activation_checkpointing: bool
+    """Blocks recomputed in backward."""
+    micro_batch: int | None
+    """Largest micro-batch that fits; None when not even the smallest tried does."""
+    estimate: MemoryEstimate
+    """Memory at micro_batch (or at the smallest micro-batch tried)."""
+    note: str
+    """Why it does not fit, or '' when it does."""
+
+    @property
+    def fits(self) -> bool:
+        return self.micro_batch is not None
+
+    @property
+    def label(self) -> str:
+        offload = {"none": "", "optimizer": " +opt offload", "optimizer+params": " +opt+param offload"}[self.offload]
+        return f"ZeRO-{self.zero_stage}{offload}{' +ckpt' if self.activation_checkpointing else ''}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,20 +103,271 @@ class Plan:
     """Recompute block activations in the backward pass."""
     world_size: int
     """Number of data-parallel ranks."""
+    seq_len: int = 0
+    """Tokens per sequence (0 when unknown)."""
+    reason: str = ""
+    """Why this layout was chosen."""
+    memory: MemoryEstimate | None = None
+    """Predicted memory per rank of the chosen layout."""
+    budget: MemoryBudget = UNLIMITED
+    """What it was planned against."""
+    candidates: tuple[Candidate, ...] = field(default=(), repr=False)
+    """Every layout evaluated, in order of preference."""
 
     @property
     def global_batch(self) -> int:
         return self.micro_batch * self.grad_accum * self.world_size
 
+    @property
+    def global_batch_tokens(self) -> int:
+        return self.global_batch * self.seq_len
 
-def choose_plan(model: ModelConfig, training: TrainingConfig, world_size: int) -> Plan:
-    micro = training.batch_size or 8
-    accum = training.gradient_accumulation_steps or max(
-        1, round(training.tokens_per_step / (micro * model.max_seq_len * world_size)))
-    offload = "none" if training.offload == "auto" else training.offload
-    stage = training.zero_stage
-    if stage == "auto":
-        stage = 3 if offload == "optimizer+params" else 2 if offload == "optimizer" else 0 if world_size == 1 else 2
-    return Plan(zero_stage=stage, offload_optimizer=offload != "none", offload_params=offload == "optimizer+params",
-                micro_batch=micro, grad_accum=accum,
-                activation_checkpointing=training.activation_checkpointing is True, world_size=world_size)
+    @property
+    def offload(self) -> str:
+        return "optimizer+params" if self.offload_params else "optimizer" if self.offload_optimizer else "none"
+
+
+# ---- memory sizes and the machine ---------------------------------------------------------------------------------
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_memory_size(text: str) -> int:
+    """'24GB', '24 GiB', '80G', '512MB', '1.5TB' -> bytes. GB and GiB both mean 2**30: GPU makers' '24 GB' cards
+    hold 24 GiB (a 4090 reports 24564 MiB)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B)?\s*", text.upper())
+    if not match or (not match.group(2) and not match.group(3)):
+        raise ValueError(f"cannot read memory size {text!r}: give a number and a unit, e.g. 24GB, 80GiB or 512MB")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def format_bytes(num_bytes: float) -> str:
+    """Bytes as GiB with one decimal ('11.9 GiB'), or MiB below 1 GiB."""
+    if abs(num_bytes) >= GIB:
+        return f"{num_bytes / GIB:.1f} GiB"
+    return f"{num_bytes / (1 << 20):.0f} MiB"
+
+
+def available_host_memory() -> int:
+    """Host RAM available to new processes (MemAvailable), via psutil or /proc/meminfo."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    raise OSError("cannot read the available host memory (no psutil, no /proc/meminfo)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GpuInfo:
+    """One CUDA device as found."""
+
+    index: int
+    name: str
+    free_bytes: int
+    total_bytes: int
+
+
+def detect_gpus() -> list[GpuInfo]:
+    """Name and free/total memory of every visible CUDA device ([] without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    gpus = []
+    for index in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(index)
+        gpus.append(GpuInfo(index=index, name=torch.cuda.get_device_name(index), free_bytes=free, total_bytes=total))
+    return gpus
+
+
+def memory_budget(ranks_per_node: int, gpu_memory: int | None = None, *, gpus: list[GpuInfo] | None = None,
+                  host_bytes: int | None = None) -> MemoryBudget:
+    """What this node offers each rank: --gpu_memory if given, else the detected GPUs, else host RAM (CPU ranks)."""
+    host = available_host_memory() if host_bytes is None else host_bytes
+    if gpu_memory is not None:
+        return MemoryBudget(gpu_bytes=gpu_memory, cpu_bytes=host, ranks_per_node=ranks_per_node, on_cuda=True,
+                            source=f"--gpu_memory {format_bytes(gpu_memory)} per GPU (given); "
+                                   f"host RAM {format_bytes(host)} available")
+    gpus = detect_gpus() if gpus is None else gpus
+    if gpus:
+        used = gpus[:ranks_per_node]
+        if len(used) < ranks_per_node:
+            raise PlanError(f"{ranks_per_node} ranks per node requested but only {len(gpus)} GPU(s) visible: "
+                            "lower --num_gpus or set CUDA_VISIBLE_DEVICES")
+        smallest = min(used, key=lambda gpu: gpu.free_bytes)
+        names = sorted({gpu.name for gpu in used})
+        return MemoryBudget(gpu_bytes=smallest.free_bytes, cpu_bytes=host, ranks_per_node=ranks_per_node,
+                            on_cuda=True, fused_ssm_kernels=_fused_ssm_kernels_available(),
+                            source=f"{len(used)} x {', '.join(names)}: smallest free memory "
+                                   f"{format_bytes(smallest.free_bytes)} (GPU {smallest.index}); "
+                                   f"host RAM {format_bytes(host)} available")
+    return MemoryBudget(gpu_bytes=host // ranks_per_node, cpu_bytes=host, ranks_per_node=ranks_per_node,
+                        on_cuda=False, fused_ssm_kernels=False,
+                        source=f"no CUDA GPU: planning against host RAM, {format_bytes(host)} available, shared "
+                               f"by {ranks_per_node} CPU rank(s) (pass --gpu_memory to plan for GPUs you do not have)")
+
+
+def _fused_ssm_kernels_available() -> bool:
+    from model.ssm_ops import fused_ops_status
+
+    return fused_ops_status()[0]
+
+
+# ---- evaluation ----------------------------------------------------------------------------------------------------
+
+def _fit_problem(estimate: MemoryEstimate, budget: MemoryBudget) -> str:
+    """'' if the estimate fits the budget, else which memory overflows and by how much."""
+    usable = 1.0 - SAFETY_MARGIN
+    ranks = budget.ranks_per_node
+    if not budget.on_cuda:  # CPU ranks: device and host memory are the same RAM
+        need = ranks * (estimate.allocated + estimate.fragmentation + estimate.cpu_total)
+        if budget.cpu_bytes is not None and need > budget.cpu_bytes * usable:
+            return (f"needs {format_bytes(need)} of host RAM for {ranks} rank(s), "
+                    f"{format_bytes(budget.cpu_bytes * usable)} usable")
+        return ""
+    if budget.gpu_bytes is not None and estimate.gpu_total > budget.gpu_bytes * usable:
+        return f"needs {format_bytes(estimate.gpu_total)}/GPU, {format_bytes(budget.gpu_bytes * usable)} usable"
+    if budget.cpu_bytes is not None and ranks * estimate.cpu_total > budget.cpu_bytes * usable:
+        return (f"needs {format_bytes(ranks * estimate.cpu_total)} of host RAM, "
+                f"{format_bytes(budget.cpu_bytes * usable)} usable")
+    return ""
+
+
+def _layouts(training: TrainingConfig) -> list[tuple[int, str, bool]]:
+    """(stage, offload, checkpointing) the config allows, in order of preference (module docstring, 1-3)."""
+    stages = [0, 1, 2, 3] if training.zero_stage == "auto" else [training.zero_stage]
+    offloads = ["none", "optimizer", "optimizer+params"] if training.offload == "auto" else [training.offload]
+    ckpts = [False, True] if training.activation_checkpointing == "auto" else [training.activation_checkpointing]
+    layouts = [(s, o, c) for o in offloads for c in ckpts for s in stages
+               if not (o == "optimizer" and s == 0) and not (o == "optimizer+params" and s != 3)]
+    return sorted(layouts, key=lambda l: (offloads.index(l[1]), l[2], l[0] == 3))
+
+
+def _micro_batches(model: ModelConfig, training: TrainingConfig, world_size: int) -> list[int]:
+    """Micro-batches to try, largest first: the explicit one, or powers of two up to what one step needs."""
+    if training.batch_size is not None:
+        return [training.batch_size]
+    per_rank = math.ceil(training.tokens_per_step / model.max_seq_len / world_size)
+    if training.gradient_accumulation_steps is not None:
+        per_rank = math.ceil(per_rank / training.gradient_accumulation_steps)
+    largest = min(MAX_MICRO_BATCH, max(1, per_rank))
+    return [2 ** k for k in range(int(math.log2(largest)), -1, -1)]
+
+
+def evaluate_layouts(model: ModelConfig, training: TrainingConfig, world_size: int,
+                     budget: MemoryBudget = UNLIMITED) -> list[Candidate]:
+    """Every allowed layout at its largest fitting micro-batch, in order of preference (best first)."""
+    candidates = []
+    for stage, offload, ckpt in _layouts(training):
+        estimate, problem, fitting = None, "", None
+        for micro in _micro_batches(model, training, world_size):
+            estimate = estimate_memory(model, Layout(
+                world_size=world_size, zero_stage=stage, offload=offload, precision=training.precision,
+                micro_batch=micro, seq_len=model.max_seq_len, activation_checkpointing=ckpt,
+                ranks_per_node=budget.ranks_per_node, on_cuda=budget.on_cuda,
+                fused_ssm_kernels=budget.fused_ssm_kernels))
+            problem = _fit_problem(estimate, budget)
+            if not problem:
+                fitting = micro
+                break
+        candidates.append(Candidate(zero_stage=stage, offload=offload, activation_checkpointing=ckpt,
+                                    micro_batch=fitting, estimate=estimate, note=problem))
+    order = {(c.zero_stage, c.offload, c.activation_checkpointing): i for i, c in enumerate(candidates)}
+    # Within one (offload, checkpointing) tier, ZeRO 0-2 cost the same communication: the larger micro-batch wins.
+    return sorted(candidates, key=lambda c: (_tier(c), -(c.micro_batch or 0) if c.zero_stage < 3 else 0,
+                                             order[(c.zero_stage, c.offload, c.activation_checkpointing)]))
+
+
+def _tier(c: Candidate) -> tuple[int, bool, bool]:
+    return (["none", "optimizer", "optimizer+params"].index(c.offload), c.activation_checkpointing, c.zero_stage == 3)
+
+
+def choose_plan(model: ModelConfig, training: TrainingConfig, world_size: int,
+                budget: MemoryBudget = UNLIMITED) -> Plan:
+    """The fastest layout that fits `budget` (UNLIMITED: explicit values and the token target alone decide)."""
+    candidates = tuple(evaluate_layouts(model, training, world_size, budget))
+    fitting = [c for c in candidates if c.fits]
+    if not fitting:
+        raise PlanError(_nothing_fits_message(model, training, world_size, budget, candidates), candidates)
+    best = fitting[0]
+    sequences = training.tokens_per_step / model.max_seq_len
+    accum = training.gradient_accumulation_steps or max(1, round(sequences / (best.micro_batch * world_size)))
+    return Plan(zero_stage=best.zero_stage, offload_optimizer=best.offload != "none",
+                offload_params=best.offload == "optimizer+params", micro_batch=best.micro_batch, grad_accum=accum,
+                activation_checkpointing=best.activation_checkpointing, world_size=world_size,
+                seq_len=model.max_seq_len, reason=_reason(best, candidates, training, budget),
+                memory=best.estimate, budget=budget, candidates=candidates)
+
+
+def _reason(best: Candidate, candidates: tuple[Candidate, ...], training: TrainingConfig,
+            budget: MemoryBudget) -> str:
+    fixed = [f"training.{key}={value}" for key, value in
+             (("zero_stage", training.zero_stage), ("offload", training.offload),
+              ("activation_checkpointing", training.activation_checkpointing), ("batch_size", training.batch_size))
+             if value not in ("auto", None)]
+    ahead = [c for c in candidates if c is not best and candidates.index(c) < candidates.index(best)]
+    parts = [f"{best.label} at micro-batch {best.micro_batch} is the fastest layout that fits"]
+    if ahead:
+        parts.append("faster layouts do not fit (" + "; ".join(f"{c.label}: {c.note}" for c in ahead[:3]) + ")")
+    if budget.gpu_bytes is None:
+        parts = [f"{best.label} at micro-batch {best.micro_batch}: no memory limit given, so the fastest layout"]
+    if fixed:
+        parts.append("kept as configured: " + ", ".join(fixed))
+    return "; ".join(parts)
+
+
+# ---- when nothing fits ---------------------------------------------------------------------------------------------
+
+def _fits(model: ModelConfig, training: TrainingConfig, world_size: int, budget: MemoryBudget) -> Candidate | None:
+    return next((c for c in evaluate_layouts(model, training, world_size, budget) if c.fits), None)
+
+
+def _nothing_fits_message(model: ModelConfig, training: TrainingConfig, world_size: int, budget: MemoryBudget,
+                          candidates: tuple[Candidate, ...]) -> str:
+    smallest = min(candidates, key=lambda c: c.estimate.gpu_total)
+    lines = [f"no layout fits: {len(candidates)} tried against {budget.source}; the smallest, {smallest.label} at "
+             f"micro-batch {smallest.estimate.layout.micro_batch}, {smallest.note}.", "What would fit:"]
+    explicit_batch = training.batch_size is not None
+    if explicit_batch:
+        auto_batch = training.model_copy(update={"batch_size": None})
+        found = _fits(model, auto_batch, world_size, budget)
+        lines.append(f"- a smaller micro-batch: training.batch_size={training.batch_size} does not fit; "
+                     + (f"set training.batch_size={found.micro_batch} (or null for automatic)" if found else
+                        "not even 1 fits"))
+    for key, value in (("zero_stage", "auto"), ("offload", "auto"), ("activation_checkpointing", "auto")):
+        if getattr(training, key) != value:
+            relaxed = training.model_copy(update={key: value})
+            found = _fits(model, relaxed, world_size, budget)
+            if found:
+                lines.append(f"- training.{key}={value}: {found.label} fits at micro-batch {found.micro_batch}")
+    for more in (2, 4, 8, 16, 32, 64):
+        ranks = world_size * more
+        scaled = replace(budget, ranks_per_node=budget.ranks_per_node * more if budget.on_cuda else
+                         budget.ranks_per_node)
+        found = _fits(model, training, ranks, scaled)
+        if found:
+            lines.append(f"- more GPUs: {ranks} of this size ({found.label}, micro-batch {found.micro_batch})")
+            break
+    seq = model.max_seq_len // 2
+    while seq >= 128:
+        shorter = model.model_copy(update={"max_seq_len": seq})
+        found = _fits(shorter, training, world_size, budget)
+        if found:
+            lines.append(f"- a shorter sequence: model.max_seq_len={seq} ({found.label}, micro-batch "
+                         f"{found.micro_batch})")
+            break
+        seq //= 2
+    if budget.on_cuda and budget.gpu_bytes is not None:
+        need = min(c.estimate.gpu_total for c in candidates) / (1.0 - SAFETY_MARGIN)
+        lines.append(f"- GPUs with at least {format_bytes(need)} free each ({smallest.label}, micro-batch 1)")
+    return "\n".join(lines)
+
+
+def default_ranks_per_node(world_size: int) -> int:
+    """LOCAL_WORLD_SIZE when a launcher set it, else all ranks on this node."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
