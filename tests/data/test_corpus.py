@@ -1,13 +1,11 @@
 """Corpus catalog, the embedded Shakespeare corpus and the train/validation split."""
 from __future__ import annotations
 
-import ast
 import importlib.util
 from pathlib import Path
 
 import pytest
 
-import data
 from data import corpus
 from data.config import DataConfig
 from data.corpus import (
@@ -97,16 +95,3 @@ def test_documents_start_at_scene_headings_and_respect_the_size_limit():
     assert "ACT I.\n\nSCENE I." in documents[0]  # a heading right after a heading does not split
     long = chunk_documents("\n\n".join(["line " * 100] * 100), max_bytes=2_000)
     assert len(long) > 10 and all(len(doc.encode()) <= 2_000 for doc in long)
-
-
-def test_data_layer_imports_no_upper_layer():
-    for path in Path(data.__file__).parent.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                modules = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                modules = [node.module or ""]
-            else:
-                continue
-            for module in modules:
-                assert module.split(".")[0] not in {"launcher", "engine", "tools"}, f"{path.name} imports {module}"
