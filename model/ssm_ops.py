@@ -39,20 +39,30 @@ _force_reference = False
 
 
 def _import_without_package_init(module_name: str) -> Any:
-    """Import a mamba_ssm submodule although `mamba_ssm/__init__.py` fails.
+    """Import a submodule of a package whose `__init__` fails, registering the package without running it.
 
-    That `__init__` imports the nvcc-built `selective_scan_cuda`; an install with MAMBA_SKIP_CUDA_BUILD=TRUE lacks
-    it, yet the Triton kernels Mamba-2 needs are there. Registering the package without running its `__init__`
-    lets those submodules import. Only used after a normal import has failed.
+    mamba-ssm's `__init__` imports the nvcc-built `selective_scan_cuda` (absent from a MAMBA_SKIP_CUDA_BUILD
+    install, which still has the Triton kernels Mamba-2 needs) and, through its generation utilities, names that
+    transformers 5 removed (GreedySearchDecoderOnlyOutput). The kernel modules themselves need neither.
     """
     root = module_name.split(".")[0]
     if root not in sys.modules:
         spec = importlib.util.find_spec(root)
         if spec is None or spec.submodule_search_locations is None:
             raise ImportError(f"no package {root!r}")
-        package = importlib.util.module_from_spec(spec)  # __path__ set, __init__ not executed
-        sys.modules[root] = package
+        sys.modules[root] = importlib.util.module_from_spec(spec)  # __path__ set, __init__ not executed
     return importlib.import_module(module_name)
+
+
+def _import_kernel(module_name: str, attr: str) -> Callable[..., Any]:
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:
+        root = module_name.split(".")[0]
+        if root == module_name or root in sys.modules:  # the package imported: the failure is the module's own
+            raise
+        module = _import_without_package_init(module_name)
+    return getattr(module, attr)
 
 
 def _load_kernels() -> dict[str, Callable[..., Any]]:
@@ -66,14 +76,7 @@ def _load_kernels() -> dict[str, Callable[..., Any]]:
         return _kernels
     for name, (module_name, attr) in _KERNEL_SOURCES.items():
         try:
-            try:
-                module = importlib.import_module(module_name)
-            except Exception:
-                # Retry the Triton modules only when it was the package __init__ that failed.
-                if not module_name.startswith("mamba_ssm.ops.triton") or "mamba_ssm" in sys.modules:
-                    raise
-                module = _import_without_package_init(module_name)
-            _kernels[name] = getattr(module, attr)
+            _kernels[name] = _import_kernel(module_name, attr)
         except Exception as error:  # noqa: BLE001 - any failure (ImportError, OSError, Triton errors) = unavailable
             _failures[name] = f"{module_name}.{attr}: {type(error).__name__}: {error}"
     return _kernels

@@ -9,6 +9,7 @@ import importlib
 import math
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from model import ModelConfig, create_model
 from model.mamba import MambaLM, from_transformers_state_dict, to_transformers_state_dict, transformers_config_kwargs
 from model.selective_scan import selective_scan_fused, selective_scan_ref, selective_scan_stepwise_ref
 from model.ssd_scan import ssd_chunk_scan_fused, ssd_chunk_scan_ref, ssd_scan_stepwise_ref
+from model import ssm_ops
 from model.ssm_ops import (causal_conv1d_fused, causal_conv1d_ref, fused_kernel, fused_ops_report, fused_ops_status,
                            reference_ops, rmsnorm_gated_fused, rmsnorm_gated_ref, selective_state_update_fused,
                            selective_state_update_ref)
@@ -314,6 +316,30 @@ def test_fused_ops_report_a_reason_when_unavailable():
         assert not available and "CUDA" in reason
         assert fused_kernel("mamba_chunk_scan_combined") is None
     assert set(fused_ops_report()) >= {"mamba_chunk_scan_combined", "selective_scan_fn", "causal_conv1d_fn"}
+
+
+def test_kernel_import_survives_a_failing_package_init(tmp_path, monkeypatch):
+    """mamba_ssm's __init__ fails without selective_scan_cuda (or with transformers 5) although its Triton kernel
+    modules would import: the loader registers the package without its __init__ and imports the module."""
+    package = tmp_path / "fake_ssm_pkg"
+    (package / "ops").mkdir(parents=True)
+    (package / "__init__.py").write_text("import fake_ssm_missing_cuda_extension\n")
+    (package / "ops" / "__init__.py").write_text("")
+    (package / "ops" / "helper.py").write_text("SCALE = 3\n")
+    (package / "ops" / "kernel.py").write_text("from fake_ssm_pkg.ops.helper import SCALE\n"
+                                               "def scan(x):\n    return SCALE * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m.startswith("fake_ssm_pkg")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(ImportError):
+        importlib.import_module("fake_ssm_pkg.ops.kernel")
+    try:
+        assert ssm_ops._import_kernel("fake_ssm_pkg.ops.kernel", "scan")(2) == 6
+        with pytest.raises(ImportError, match="fake_ssm_missing_cuda_extension"):
+            ssm_ops._import_kernel("fake_ssm_missing_cuda_extension", "scan")
+    finally:
+        for name in [m for m in sys.modules if m.startswith("fake_ssm_pkg")]:
+            del sys.modules[name]
 
 
 # ---- DeepSpeed ----------------------------------------------------------------------------------------------
