@@ -134,8 +134,8 @@ def transformer_layer_activation_bytes(m: ModelConfig, act_bytes: int, *, kv_hea
     kv = n_kv_heads * head_dim when SDPA receives grouped heads (FlashAttention's enable_gqa, bf16/fp16 on CUDA),
     d when model/transformer.py repeats K/V heads first (every other kernel).
     MLP: RMSNorm and its output, w1 x, silu(w1 x), w3 x and their product (4 ffn).
-    Korthikanti et al. 2022's 34 sbh (GPT, 2-byte, dropout masks, s^2 scores excluded) becomes here
-    (7d + 2 kv + 4 ffn) x bytes + 4 (H + 2) per token: 39.5 d x 2 bytes for LLaMA-2-7B.
+    Korthikanti et al. 2022's 34 sbh bytes (GPT, 2-byte, dropout masks, s^2 scores excluded) becomes here
+    (7d + 2 kv + 4 ffn) x bytes + 4 (H + 2) per token with fused norms: 39.5 d bytes for LLaMA-2-7B in bf16.
     """
     d = m.d_model
     kv = d if kv_heads_repeated else m.kv_heads * m.head_dim
