@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config import RunConfig
+from launcher.memory import DEEPSPEED_BUCKET_ELEMENTS
 from launcher.plan import Plan
 
 
@@ -24,7 +25,8 @@ def build_ds_config(run: RunConfig, plan: Plan, *, pin_memory: bool = False) -> 
         # torch.optim.AdamW instead of DeepSpeed's FusedAdam: no JIT C++/CUDA build at start-up (~100 s on
         # CPU, and nvcc on GPU). With optimizer offload DeepSpeed must pick DeepSpeedCPUAdam instead.
         optimizer_params["torch_adam"] = True
-    zero: dict[str, Any] = {"stage": plan.zero_stage}
+    # Bucket sizes and ZeRO-3 limits: the values launcher/memory.py's estimate assumes, defined there only.
+    zero: dict[str, Any] = {"stage": plan.zero_stage, **DEEPSPEED_BUCKET_ELEMENTS}
     if plan.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin_memory}
     if plan.offload_params:

@@ -13,11 +13,10 @@ and checked; if nothing fits, PlanError says what would.
 from __future__ import annotations
 
 import math
-import os
-import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from engine.config import TrainingConfig
+from launcher.hardware import UNLIMITED, MemoryBudget, format_bytes
 from launcher.memory import Layout, MemoryEstimate, estimate_memory
 from model.config import ModelConfig
 
@@ -26,7 +25,6 @@ SAFETY_MARGIN = 0.05
 fragmentation and CUDA-context allowances: other processes, driver growth, estimate error."""
 MAX_MICRO_BATCH = 64
 """Largest micro-batch tried (powers of two up to it): beyond this, GPUs gain no throughput on these sizes."""
-GIB = 1 << 30
 
 
 class PlanError(ValueError):
@@ -37,25 +35,6 @@ class PlanError(ValueError):
         self.candidates = candidates
 
 
-@dataclass(frozen=True, kw_only=True)
-class MemoryBudget:
-    """Memory a plan may use, and where the figures come from."""
-
-    gpu_bytes: int | None
-    """Usable memory of one rank's device (the smallest free memory of the GPUs used); None = no limit."""
-    cpu_bytes: int | None
-    """Host RAM available on one node; None = no limit."""
-    ranks_per_node: int = 1
-    """Ranks sharing that host RAM."""
-    on_cuda: bool = True
-    """Ranks run on CUDA GPUs; False: CPU ranks, whose 'GPU memory' is the host RAM itself."""
-    fused_ssm_kernels: bool = True
-    """mamba-ssm's fused kernels will run (otherwise Mamba uses the PyTorch reference ops)."""
-    source: str = "no memory limit given"
-    """Human-readable origin of the figures, for the dry-run table."""
-
-
-UNLIMITED = MemoryBudget(gpu_bytes=None, cpu_bytes=None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,97 +106,6 @@ class Plan:
         return "optimizer+params" if self.offload_params else "optimizer" if self.offload_optimizer else "none"
 
 
-# ---- memory sizes and the machine ---------------------------------------------------------------------------------
-
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_memory_size(text: str) -> int:
-    """'24GB', '24 GiB', '80G', '512MB', '1.5TB' -> bytes. GB and GiB both mean 2**30: GPU makers' '24 GB' cards
-    hold 24 GiB (a 4090 reports 24564 MiB)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B)?\s*", text.upper())
-    if not match or (not match.group(2) and not match.group(3)):
-        raise ValueError(f"cannot read memory size {text!r}: give a number and a unit, e.g. 24GB, 80GiB or 512MB")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
-
-
-def format_bytes(num_bytes: float) -> str:
-    """Bytes as GiB with one decimal ('11.9 GiB'), or MiB below 1 GiB."""
-    if abs(num_bytes) >= GIB:
-        return f"{num_bytes / GIB:.1f} GiB"
-    return f"{num_bytes / (1 << 20):.0f} MiB"
-
-
-def available_host_memory() -> int:
-    """Host RAM available to new processes (MemAvailable), via psutil or /proc/meminfo."""
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    raise OSError("cannot read the available host memory (no psutil, no /proc/meminfo)")
-
-
-@dataclass(frozen=True, kw_only=True)
-class GpuInfo:
-    """One CUDA device as found."""
-
-    index: int
-    name: str
-    free_bytes: int
-    total_bytes: int
-
-
-def detect_gpus() -> list[GpuInfo]:
-    """Name and free/total memory of every visible CUDA device ([] without CUDA)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return []
-    gpus = []
-    for index in range(torch.cuda.device_count()):
-        free, total = torch.cuda.mem_get_info(index)
-        gpus.append(GpuInfo(index=index, name=torch.cuda.get_device_name(index), free_bytes=free, total_bytes=total))
-    return gpus
-
-
-def memory_budget(ranks_per_node: int, gpu_memory: int | None = None, *, gpus: list[GpuInfo] | None = None,
-                  host_bytes: int | None = None) -> MemoryBudget:
-    """What this node offers each rank: --gpu_memory if given, else the detected GPUs, else host RAM (CPU ranks)."""
-    host = available_host_memory() if host_bytes is None else host_bytes
-    if gpu_memory is not None:
-        return MemoryBudget(gpu_bytes=gpu_memory, cpu_bytes=host, ranks_per_node=ranks_per_node, on_cuda=True,
-                            source=f"--gpu_memory {format_bytes(gpu_memory)} per GPU (given); "
-                                   f"host RAM {format_bytes(host)} available")
-    gpus = detect_gpus() if gpus is None else gpus
-    if gpus:
-        used = gpus[:ranks_per_node]
-        if len(used) < ranks_per_node:
-            raise PlanError(f"{ranks_per_node} ranks per node requested but only {len(gpus)} GPU(s) visible: "
-                            "lower --num_gpus or set CUDA_VISIBLE_DEVICES")
-        smallest = min(used, key=lambda gpu: gpu.free_bytes)
-        names = sorted({gpu.name for gpu in used})
-        return MemoryBudget(gpu_bytes=smallest.free_bytes, cpu_bytes=host, ranks_per_node=ranks_per_node,
-                            on_cuda=True, fused_ssm_kernels=_fused_ssm_kernels_available(),
-                            source=f"{len(used)} x {', '.join(names)}: smallest free memory "
-                                   f"{format_bytes(smallest.free_bytes)} (GPU {smallest.index}); "
-                                   f"host RAM {format_bytes(host)} available")
-    return MemoryBudget(gpu_bytes=host // ranks_per_node, cpu_bytes=host, ranks_per_node=ranks_per_node,
-                        on_cuda=False, fused_ssm_kernels=False,
-                        source=f"no CUDA GPU: planning against host RAM, {format_bytes(host)} available, shared "
-                               f"by {ranks_per_node} CPU rank(s) (pass --gpu_memory to plan for GPUs you do not have)")
-
-
-def _fused_ssm_kernels_available() -> bool:
-    from model.ssm_ops import fused_ops_status
-
-    return fused_ops_status()[0]
-
-
 # ---- evaluation ----------------------------------------------------------------------------------------------------
 
 def _fit_problem(estimate: MemoryEstimate, budget: MemoryBudget) -> str:
@@ -225,7 +113,7 @@ def _fit_problem(estimate: MemoryEstimate, budget: MemoryBudget) -> str:
     usable = 1.0 - SAFETY_MARGIN
     ranks = budget.ranks_per_node
     if not budget.on_cuda:  # CPU ranks: device and host memory are the same RAM
-        need = ranks * (estimate.allocated + estimate.fragmentation + estimate.cpu_total)
+        need = _need(estimate, budget)
         if budget.cpu_bytes is not None and need > budget.cpu_bytes * usable:
             return (f"needs {format_bytes(need)} of host RAM for {ranks} rank(s), "
                     f"{format_bytes(budget.cpu_bytes * usable)} usable")
@@ -329,7 +217,7 @@ def _fits(model: ModelConfig, training: TrainingConfig, world_size: int, budget:
 
 def _nothing_fits_message(model: ModelConfig, training: TrainingConfig, world_size: int, budget: MemoryBudget,
                           candidates: tuple[Candidate, ...]) -> str:
-    smallest = min(candidates, key=lambda c: c.estimate.gpu_total)
+    smallest = min(candidates, key=lambda c: _need(c.estimate, budget))
     lines = [f"no layout fits: {len(candidates)} tried against {budget.source}; the smallest, {smallest.label} at "
              f"micro-batch {smallest.estimate.layout.micro_batch}, {smallest.note}.", "What would fit:"]
     explicit_batch = training.batch_size is not None
@@ -345,13 +233,12 @@ def _nothing_fits_message(model: ModelConfig, training: TrainingConfig, world_si
             found = _fits(model, relaxed, world_size, budget)
             if found:
                 lines.append(f"- training.{key}={value}: {found.label} fits at micro-batch {found.micro_batch}")
-    for more in (2, 4, 8, 16, 32, 64):
+    for more in (2, 4, 8, 16, 32, 64):  # more nodes like this one: host RAM per node stays as it is
         ranks = world_size * more
-        scaled = replace(budget, ranks_per_node=budget.ranks_per_node * more if budget.on_cuda else
-                         budget.ranks_per_node)
-        found = _fits(model, training, ranks, scaled)
+        found = _fits(model, training, ranks, budget)
         if found:
-            lines.append(f"- more GPUs: {ranks} of this size ({found.label}, micro-batch {found.micro_batch})")
+            lines.append(f"- more GPUs: {ranks} of this size, {budget.ranks_per_node} per node ({found.label}, "
+                         f"micro-batch {found.micro_batch})")
             break
     seq = model.max_seq_len // 2
     while seq >= 128:
@@ -362,12 +249,28 @@ def _nothing_fits_message(model: ModelConfig, training: TrainingConfig, world_si
                          f"{found.micro_batch})")
             break
         seq //= 2
-    if budget.on_cuda and budget.gpu_bytes is not None:
-        need = min(c.estimate.gpu_total for c in candidates) / (1.0 - SAFETY_MARGIN)
-        lines.append(f"- GPUs with at least {format_bytes(need)} free each ({smallest.label}, micro-batch 1)")
+    usable = 1.0 - SAFETY_MARGIN
+    ranks = budget.ranks_per_node
+    host_fits = [c for c in candidates
+                 if budget.cpu_bytes is None or c.estimate.cpu_total * ranks <= budget.cpu_bytes * usable]
+    gpu_fits = [c for c in candidates if budget.gpu_bytes is None or c.estimate.gpu_total <= budget.gpu_bytes * usable]
+    if budget.on_cuda and budget.gpu_bytes is not None and host_fits:
+        best = min(host_fits, key=lambda c: c.estimate.gpu_total)
+        lines.append(f"- GPUs with at least {format_bytes(best.estimate.gpu_total / usable)} free each "
+                     f"({best.label}, micro-batch 1)")
+    if budget.on_cuda and budget.cpu_bytes is not None and gpu_fits:
+        best = min(gpu_fits, key=lambda c: c.estimate.cpu_total)
+        lines.append(f"- host RAM of at least {format_bytes(best.estimate.cpu_total * ranks / usable)} per node "
+                     f"({best.label}, micro-batch 1)")
+    if not budget.on_cuda:
+        need = _need(smallest.estimate, budget) / usable
+        lines.append(f"- a host with at least {format_bytes(need)} of RAM for {ranks} CPU rank(s) "
+                     f"({smallest.label}), or GPUs (--gpu_memory plans for GPUs you do not have)")
     return "\n".join(lines)
 
 
-def default_ranks_per_node(world_size: int) -> int:
-    """LOCAL_WORLD_SIZE when a launcher set it, else all ranks on this node."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+def _need(estimate: MemoryEstimate, budget: MemoryBudget) -> int:
+    """The figure that must fit: GPU memory per rank, or for CPU ranks the host RAM of all of them."""
+    if budget.on_cuda:
+        return estimate.gpu_total
+    return budget.ranks_per_node * (estimate.allocated + estimate.fragmentation + estimate.cpu_total)

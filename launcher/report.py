@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from engine.config import TrainingConfig
 from launcher.memory import MemoryEstimate
-from launcher.plan import SAFETY_MARGIN, Candidate, MemoryBudget, Plan
+from launcher.hardware import MemoryBudget
+from launcher.plan import SAFETY_MARGIN, Candidate, Plan
 from model.config import ModelConfig
 
 COLUMNS = ("params", "grads", "optim", "activ", "logits", "comm", "slack")
@@ -62,7 +63,8 @@ def render_plan(plan: Plan, model: ModelConfig, training: TrainingConfig, *, nam
                  f"gradient accumulation {plan.grad_accum}, global batch {plan.global_batch} sequences = "
                  f"{plan.global_batch_tokens:,} tokens per step (target {target:,})")
     if memory is not None:
-        lines.append(f"Predicted per rank: {_gib(memory.gpu_total)} GiB GPU "
+        device = "GPU" if plan.budget.on_cuda else "device (host RAM: CPU ranks)"
+        lines.append(f"Predicted per rank: {_gib(memory.gpu_total)} GiB {device} "
                      f"({_gib(memory.allocated)} GiB allocated at the {memory.peak_moment} peak, as "
                      f"torch.cuda.max_memory_allocated counts), host RAM {_gib(memory.cpu_total)} GiB")
     lines.append(f"Why: {plan.reason}")

@@ -35,10 +35,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--list_presets", action="store_true", help="list the presets and exit")
     parser.add_argument("--list_models", action="store_true", help="list the model families and exit")
     parser.add_argument("--list_datasets", action="store_true", help="list the datasets and exit")
-    parser.add_argument("--dry_run", action="store_true", help="validate, plan and write the ds_config; train nothing")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="validate, print the memory plan table and write the ds_config; train nothing")
+    parser.add_argument("--gpu_memory", metavar="SIZE",
+                        help="plan for GPUs with this much memory each, e.g. 24GB (default: the GPUs found, or host "
+                             "RAM without CUDA)")
+    parser.add_argument("--cpu_memory", metavar="SIZE",
+                        help="host RAM per node to plan for, e.g. 256GB (default: this machine's available RAM; "
+                             "not checked with --gpu_memory unless given)")
     parser.add_argument("--no_shutdown", action="store_true", help="never shut the machine down after training")
     parser.add_argument("--ds_config_dir", default="ds_configs", help="where the rendered DeepSpeed config goes")
     parser.add_argument("--master_port", type=int, help="rendezvous port when this command starts the ranks")
+    parser.add_argument("--hostfile", help="DeepSpeed hostfile ('host slots=N' lines) for a multi-node job; passed "
+                                           "to the DeepSpeed launcher")
     # The DeepSpeed launcher passes --local_rank=N to every rank.
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -103,7 +112,8 @@ def check_device_support(run: RunConfig, device: str) -> None:
 def start_ranks(args: argparse.Namespace, argv: list[str], num_gpus: int) -> int:
     """Re-run this command under the DeepSpeed launcher with `num_gpus` ranks and wait for it."""
     port = args.master_port or free_port()
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_gpus),
+    hostfile = ["--hostfile", args.hostfile] if args.hostfile else []
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", *hostfile, "--num_gpus", str(num_gpus),
                "--master_port", str(port), str(Path(__file__).resolve()), *argv]
     env = dict(os.environ)
     if env.get("DS_ACCELERATOR", "cpu") == "cpu" and "OMP_NUM_THREADS" not in env:
@@ -146,11 +156,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     launched = launched_by_deepspeed()
-    world_size = int(os.environ["WORLD_SIZE"]) if launched else run.num_gpus
-    if not launched and run.num_gpus > 1 and not args.dry_run:
+    world_size = int(os.environ["WORLD_SIZE"]) if launched else run.num_gpus * hostfile_nodes(args.hostfile)
+    run_name = args.preset or Path(config_path).stem
+    if not launched and (world_size > 1 or args.hostfile) and not args.dry_run:
+        # Plan here too, so that a run that cannot fit fails before any rank starts; the ranks plan again.
+        if make_plan(run, args, world_size, run_name, launched=False, detect_in_subprocess=True) is None:
+            return 2
         return start_ranks(args, argv, run.num_gpus)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    device = configure_device(local_world)
+    device = configure_device(local_ranks(world_size))
     try:
         check_device_support(run, device)
     except ConfigError as err:
@@ -158,23 +171,91 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from launcher.ds_config import build_ds_config, write_ds_config
-    from launcher.plan import choose_plan
 
-    plan = choose_plan(run.model, run.training, world_size)
+    plan = make_plan(run, args, world_size, run_name, launched=launched)
+    if plan is None:
+        return 2
     ds_config = build_ds_config(run, plan, pin_memory=device == "cuda")
-    run_name = args.preset or Path(config_path).stem
     rank = int(os.environ.get("RANK", 0))
     ds_config_path = Path(args.ds_config_dir) / f"{run_name}.json"
     if rank == 0:
         write_ds_config(ds_config, ds_config_path)
     if args.dry_run:
         print(f"config OK: {run_name}, model_type {run.model_type}, world size {world_size}")
-        print(f"plan: ZeRO-{plan.zero_stage}, offload optimizer {plan.offload_optimizer}, offload params "
-              f"{plan.offload_params}, micro-batch {plan.micro_batch}, accumulation {plan.grad_accum}, "
-              f"global batch {plan.global_batch * run.model.max_seq_len} tokens")
         print(f"ds_config written to {ds_config_path}")
         return 0
     return train(run, plan, ds_config, args, world_size)
+
+
+def local_ranks(default: int) -> int:
+    """Ranks on this node: torchrun's LOCAL_WORLD_SIZE or the DeepSpeed launcher's LOCAL_SIZE, else `default`."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", default)))
+
+
+def hostfile_nodes(path: str | None) -> int:
+    """Number of hosts in a DeepSpeed hostfile (1 without one): each runs num_gpus ranks."""
+    if not path:
+        return 1
+    lines = [line.split("#")[0].strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    return max(1, sum(1 for line in lines if line))
+
+
+def make_plan(run: RunConfig, args: argparse.Namespace, world_size: int, run_name: str, *, launched: bool,
+              detect_in_subprocess: bool = False):
+    """Plan against the memory found (or given); print the table on a dry run, or why nothing fits (then None).
+
+    Under a launcher every rank plans: each measures its own GPU, and the process group (started here, the
+    trainer reuses it) agrees on the smallest figures, so all ranks choose the same plan.
+    """
+    from launcher.hardware import (HardwareError, agree_across_ranks, detect_gpus, detect_gpus_in_subprocess,
+                                   memory_budget, parse_memory_size)
+    from launcher.plan import PlanError, choose_plan
+    from launcher.report import render_candidates, render_plan
+
+    rank = int(os.environ.get("RANK", 0))
+    ranks_per_node = local_ranks(run.num_gpus if not launched else world_size)
+    try:
+        gpu_memory = parse_memory_size(args.gpu_memory) if args.gpu_memory else None
+        cpu_memory = parse_memory_size(args.cpu_memory) if args.cpu_memory else None
+        gpus = None
+        if gpu_memory is None:
+            gpus = own_gpu(ranks_per_node) if launched else (
+                detect_gpus_in_subprocess() if detect_in_subprocess else detect_gpus(limit=ranks_per_node))
+        budget = memory_budget(ranks_per_node, gpu_memory, gpus=gpus, host_bytes=cpu_memory)
+        if launched:
+            from engine.distributed import init_distributed
+
+            init_distributed()
+            budget = agree_across_ranks(budget)
+        plan = choose_plan(run.model, run.training, world_size, budget)
+    except PlanError as err:
+        if rank == 0:
+            print(render_candidates(err.candidates), file=sys.stderr)
+            print(f"error: {err}", file=sys.stderr)
+        return None
+    except (HardwareError, ValueError) as err:
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return None
+    if args.dry_run and rank == 0:
+        print(render_plan(plan, run.model, run.training, name=run_name))
+    return plan
+
+
+def own_gpu(ranks_per_node: int):
+    """Under a launcher: this rank's GPU only (no CUDA context on the others), as if every local GPU were like it;
+    agree_across_ranks then takes the smallest over all ranks. [] without CUDA."""
+    import torch
+
+    from launcher.hardware import GpuInfo
+
+    if not torch.cuda.is_available():
+        return []
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local_rank)
+    free, total = torch.cuda.mem_get_info(local_rank)
+    name = torch.cuda.get_device_name(local_rank)
+    return [GpuInfo(index=i, name=name, free_bytes=free, total_bytes=total) for i in range(ranks_per_node)]
 
 
 def train(run: RunConfig, plan, ds_config: dict, args: argparse.Namespace, world_size: int) -> int:

@@ -25,7 +25,8 @@ if str(REPO_ROOT) not in sys.path:
 
 from launcher.config import RunConfig, build_run_config  # noqa: E402
 from launcher.memory import DEEPSPEED_BUCKET_ELEMENTS  # noqa: E402
-from launcher.plan import GIB, MemoryBudget, Plan, PlanError, choose_plan, memory_budget  # noqa: E402
+from launcher.hardware import GIB, MemoryBudget, memory_budget  # noqa: E402
+from launcher.plan import Plan, PlanError, choose_plan  # noqa: E402
 
 ACCUMULATION = 2
 """Micro-steps per optimizer step: enough to hold accumulated gradients, few enough to be quick."""

@@ -105,7 +105,7 @@ def measure(stage: int, precision: str) -> dict[str, int]:
     result = {"after_backward": after_backward, "after_step": after_step, "in_step": in_step[-1],
               "num_params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())}
     engine.destroy()
-    del engine, model, inner
+    del engine, inner
     gc.collect()
     return result
 

@@ -56,7 +56,8 @@ def test_fp16_on_a_cpu_without_it_is_refused_clearly(tmp_path):
 
 
 def test_dry_run_writes_the_ds_config_and_trains_nothing(tmp_path):
-    result = run_cli(["--preset", "7b_transformer", "--num_gpus", "4", "--dry_run"], cwd=tmp_path, timeout=120)
+    result = run_cli(["--preset", "7b_transformer", "--num_gpus", "4", "--gpu_memory", "24GB", "--dry_run"],
+                     cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     written = list((tmp_path / "ds_configs").glob("*.json"))
     assert [p.name for p in written] == ["7b_transformer.json"]

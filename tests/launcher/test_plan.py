@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from launcher.config import build_run_config
-from launcher.plan import (GIB, MAX_MICRO_BATCH, UNLIMITED, MemoryBudget, Plan, PlanError, choose_plan,
-                           detect_gpus, evaluate_layouts, memory_budget, parse_memory_size)
+from launcher.hardware import (GIB, UNLIMITED, GpuInfo, HardwareError, MemoryBudget, detect_gpus, memory_budget,
+                               parse_memory_size)
+from launcher.plan import MAX_MICRO_BATCH, Plan, PlanError, choose_plan, evaluate_layouts
 from launcher.presets import PRESETS
 from launcher.report import render_candidates, render_plan
 
@@ -114,13 +115,11 @@ def test_without_cuda_the_plan_uses_host_ram_and_says_so():
 
 
 def test_detected_gpus_set_the_budget():
-    from launcher.plan import GpuInfo
-
     gpus = [GpuInfo(index=i, name="NVIDIA GeForce RTX 4090", free_bytes=free, total_bytes=24 * GIB)
             for i, free in enumerate([23 * GIB, 22 * GIB, 23 * GIB])]
     budget = memory_budget(2, gpus=gpus, host_bytes=64 * GIB)
     assert budget.gpu_bytes == 22 * GIB and "2 x NVIDIA GeForce RTX 4090" in budget.source
-    with pytest.raises(PlanError, match="only 3 GPU"):
+    with pytest.raises(HardwareError, match="only 3 GPU"):
         memory_budget(4, gpus=gpus, host_bytes=64 * GIB)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launcher.plan import GIB, MemoryBudget
+from launcher.hardware import GIB, MemoryBudget
 from tools import check_memory_gpu as check
 
 H200 = MemoryBudget(gpu_bytes=139 * GIB, cpu_bytes=128 * GIB, fused_ssm_kernels=False, source="H200 (test)")
