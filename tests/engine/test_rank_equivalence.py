@@ -1,0 +1,48 @@
+"""Data parallelism does not change the math: at the same global batch, two ranks of micro-batch m, one rank of
+micro-batch 2m and one rank of m with accumulation 2 read the same samples in every step and end with the same
+weights up to fp32 reduction order (ZeRO-1, 2 and 3, on CPU)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import EXTENSIONS_DIR, REPO_ROOT, free_port
+from tests.engine import rank_equivalence
+
+STAGES = [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory, data_cache) -> Path:
+    """One torchrun job: two ranks, micro-batch 2, ZeRO-1, 2 and 3 in turn."""
+    out = tmp_path_factory.mktemp("rank_equivalence")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(EXTENSIONS_DIR),
+           "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO_ROOT)}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(Path(rank_equivalence.__file__)), str(data_cache), str(out),
+               "2", "1", *map(str, STAGES)]
+    result = subprocess.run(command, env=env, cwd=out, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("micro_batch, accum", [(4, 1), (2, 2)])
+def test_two_ranks_match_one_rank_at_the_same_global_batch(two_rank_results, data_cache, process_group, tmp_path,
+                                                            stage, micro_batch, accum):
+    one = torch.load(rank_equivalence.train_and_save(str(data_cache), tmp_path, micro_batch, accum, stage),
+                     weights_only=True)
+    two = torch.load(two_rank_results / f"ws2_mb2_acc1_zero{stage}.pt", weights_only=True)
+    assert one["samples"] == two["samples"]  # the same sample positions in every step
+    assert one["losses"] == pytest.approx(two["losses"], rel=1e-5)
+    assert one["weights"].keys() == two["weights"].keys()
+    for name, weight in one["weights"].items():
+        torch.testing.assert_close(weight, two["weights"][name], rtol=1e-4, atol=1e-5, msg=name)
