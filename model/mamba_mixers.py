@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from model.config import ModelConfig
 from model.selective_scan import selective_scan
-from model.ssd_scan import ssd_chunk_scan
+from model.ssd_scan import mamba_split_conv1d_scan_combined, ssd_chunk_scan
 from model.ssm_ops import (causal_conv1d, causal_conv1d_update, conv_state_from_inputs, rmsnorm_gated,
                            selective_state_update)
 
@@ -67,11 +67,11 @@ def inverse_softplus_dt(size: int | tuple[int, ...]) -> Tensor:
     return dt + torch.log(-torch.expm1(-dt))  # inverse of softplus, pytorch/pytorch#72759
 
 
-def register_zero3_external_parameters(mixer: nn.Module) -> None:
-    """Declare the child parameters the mixer reads directly (conv1d's weight and bias, Mamba-1's dt_proj) to
-    ZeRO-3, which otherwise gathers a module's parameters only around that module's own forward (DeepSpeed docs,
-    "Registering External Parameters"). A no-op unless the mixer was built under deepspeed.zero.Init."""
-    children = [mixer.conv1d] + ([mixer.dt_proj] if hasattr(mixer, "dt_proj") else [])
+def register_zero3_external_parameters(mixer: nn.Module, children: list[nn.Module]) -> None:
+    """Declare the child parameters the mixer reads directly (conv1d's; Mamba-2's norm and out_proj weights, which
+    the one-op training path takes; Mamba-1's dt_proj) to ZeRO-3, which otherwise gathers a module's parameters
+    only around that module's own forward (DeepSpeed docs, "Registering External Parameters"). A no-op unless the
+    mixer was built under deepspeed.zero.Init."""
     params = [p for child in children for p in child.parameters()]
     if not any(hasattr(p, "ds_id") for p in params):
         return
@@ -106,7 +106,7 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(self.d_inner, config.norm_eps, group_size=self.d_inner // self.ngroups)
         self.out_proj = nn.Linear(self.d_inner, config.d_model, bias=False)
         _no_weight_decay(self.dt_bias, self.A_log, self.D)
-        register_zero3_external_parameters(self)
+        register_zero3_external_parameters(self, [self.conv1d, self.norm, self.out_proj])
 
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
@@ -124,21 +124,25 @@ class Mamba2Mixer(nn.Module):
         if state is not None:
             return self._step(u, state)
         batch, seqlen, _ = u.shape
-        z, xBC, dt = self._split(self.in_proj(u))  # (B, L, Di), (B, L, conv_dim), (B, L, H)
+        zxbcdt = self.in_proj(u)  # (B, L, 2 Di + 2 G N + H)
+        A = -torch.exp(self.A_log.float())  # (H,); fp32 so that a bf16 A_log cannot round A to -inf
+        if not return_state:  # training: the one-op form, mamba-ssm's memory-efficient path on GPU
+            return mamba_split_conv1d_scan_combined(
+                zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias, A, self.D, self.chunk_size,
+                activation="silu", rmsnorm_weight=self.norm.weight, rmsnorm_eps=self.norm.eps,
+                outproj_weight=self.out_proj.weight, outproj_bias=self.out_proj.bias, headdim=self.headdim,
+                ngroups=self.ngroups, norm_before_gate=False)  # (B, L, d_model)
+        z, xBC, dt = self._split(zxbcdt)  # (B, L, Di), (B, L, conv_dim), (B, L, H)
         xBC_t = xBC.transpose(1, 2)  # (B, conv_dim, L)
         xBC = causal_conv1d(xBC_t, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu").transpose(1, 2)
         x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        A = -torch.exp(self.A_log.float())  # (H,); fp32 so that a bf16 A_log cannot round A to -inf
         result = ssd_chunk_scan(
             x.reshape(batch, seqlen, self.nheads, self.headdim), dt, A,
             B.reshape(batch, seqlen, self.ngroups, self.d_state), C.reshape(batch, seqlen, self.ngroups, self.d_state),
-            self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True, return_final_states=return_state)
-        y, ssm_state = result if return_state else (result, None)
+            self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True, return_final_states=True)
+        y, ssm_state = result
         y = self.norm(y.reshape(batch, seqlen, self.d_inner), z)  # (B, L, Di)
-        out = self.out_proj(y)  # (B, L, d_model)
-        if not return_state:
-            return out
-        return out, (conv_state_from_inputs(xBC_t, self.d_conv), ssm_state)
+        return self.out_proj(y), (conv_state_from_inputs(xBC_t, self.d_conv), ssm_state)
 
     def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> MixerState:
         conv_state = torch.zeros(batch, self.conv_dim, self.d_conv, device=device, dtype=dtype)
@@ -175,7 +179,7 @@ class Mamba1Mixer(nn.Module):
         self.D = nn.Parameter(torch.empty(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, config.d_model, bias=False)
         _no_weight_decay(self.A_log, self.D, self.dt_proj.bias)
-        register_zero3_external_parameters(self)
+        register_zero3_external_parameters(self, [self.conv1d, self.dt_proj])
 
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:

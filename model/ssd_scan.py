@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.ssm_ops import fused_kernel, upcast, use_fused
+from model.ssm_ops import (causal_conv1d, causal_conv1d_ref, fused_kernel, rmsnorm_gated, rmsnorm_gated_ref, upcast,
+                           use_fused)
 
 _NO_LIMIT = (0.0, float("inf"))
 
@@ -152,3 +153,70 @@ def ssd_chunk_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk
     fn = ssd_chunk_scan_fused if use_fused("mamba_chunk_scan_combined", x) else ssd_chunk_scan_ref
     return fn(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, dt_limit,
               return_final_states)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The whole Mamba-2 mixer after in_proj: split -> conv -> SSD -> gated RMSNorm -> out_proj, in one op. mamba-ssm
+# trains with this fused form (Mamba2 use_mem_eff_path=True): it keeps only zxbcdt and the scan output for the
+# backward and recomputes the rest, the least activation memory of any path.
+# Signature: mamba-ssm's `mamba_split_conv1d_scan_combined`; zxbcdt (B, L, 2 Di + 2 G N + H) -> (B, L, d_model).
+# --------------------------------------------------------------------------------------------------------------
+
+def _split_conv1d_scan(zxbcdt: Tensor, conv1d_weight: Tensor, conv1d_bias: Tensor | None, dt_bias: Tensor,
+                       A: Tensor, D: Tensor, chunk_size: int, activation: str, rmsnorm_weight: Tensor | None,
+                       rmsnorm_eps: float, outproj_weight: Tensor | None, outproj_bias: Tensor | None, headdim: int,
+                       ngroups: int, norm_before_gate: bool, conv, scan, norm) -> Tensor:
+    batch, seqlen, _ = zxbcdt.shape
+    heads = D.shape[0]
+    d_inner = heads * headdim
+    dstate = (conv1d_weight.shape[0] - d_inner) // (2 * ngroups)
+    z, xBC, dt = zxbcdt.split([d_inner, d_inner + 2 * ngroups * dstate, heads], dim=-1)
+    xBC = conv(xBC.transpose(1, 2), conv1d_weight, conv1d_bias, activation).transpose(1, 2)  # (B, L, conv_dim)
+    x, B, C = xBC.split([d_inner, ngroups * dstate, ngroups * dstate], dim=-1)
+    y = scan(x.reshape(batch, seqlen, heads, headdim), dt, A, B.reshape(batch, seqlen, ngroups, dstate),
+             C.reshape(batch, seqlen, ngroups, dstate), chunk_size, D=D, z=None if rmsnorm_weight is not None
+             else z.reshape(batch, seqlen, heads, headdim), dt_bias=dt_bias, dt_softplus=True)
+    y = y.reshape(batch, seqlen, d_inner)  # (B, L, Di)
+    if rmsnorm_weight is not None:
+        y = norm(y, rmsnorm_weight, z, rmsnorm_eps, d_inner // ngroups, norm_before_gate)
+    return F.linear(y, outproj_weight, outproj_bias) if outproj_weight is not None else y
+
+
+def mamba_split_conv1d_scan_combined_ref(zxbcdt: Tensor, conv1d_weight: Tensor, conv1d_bias: Tensor | None,
+                                         dt_bias: Tensor, A: Tensor, D: Tensor, chunk_size: int,
+                                         activation: str = "silu", rmsnorm_weight: Tensor | None = None,
+                                         rmsnorm_eps: float = 1e-6, outproj_weight: Tensor | None = None,
+                                         outproj_bias: Tensor | None = None, headdim: int = 64, ngroups: int = 1,
+                                         norm_before_gate: bool = True) -> Tensor:
+    """The composition of the reference ops (the oracle for the fused kernel)."""
+    return _split_conv1d_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, activation,
+                              rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim, ngroups,
+                              norm_before_gate, causal_conv1d_ref, ssd_chunk_scan_ref, rmsnorm_gated_ref)
+
+
+def mamba_split_conv1d_scan_combined_fused(zxbcdt: Tensor, conv1d_weight: Tensor, conv1d_bias: Tensor | None,
+                                           dt_bias: Tensor, A: Tensor, D: Tensor, chunk_size: int,
+                                           activation: str = "silu", rmsnorm_weight: Tensor | None = None,
+                                           rmsnorm_eps: float = 1e-6, outproj_weight: Tensor | None = None,
+                                           outproj_bias: Tensor | None = None, headdim: int = 64, ngroups: int = 1,
+                                           norm_before_gate: bool = True) -> Tensor:
+    """mamba-ssm's Triton + causal-conv1d kernel (CUDA only)."""
+    return fused_kernel("mamba_split_conv1d_scan_combined")(
+        zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, activation=activation,
+        rmsnorm_weight=rmsnorm_weight, rmsnorm_eps=rmsnorm_eps, outproj_weight=outproj_weight,
+        outproj_bias=outproj_bias, headdim=headdim, ngroups=ngroups, norm_before_gate=norm_before_gate)
+
+
+def mamba_split_conv1d_scan_combined(zxbcdt: Tensor, conv1d_weight: Tensor, conv1d_bias: Tensor | None,
+                                     dt_bias: Tensor, A: Tensor, D: Tensor, chunk_size: int,
+                                     activation: str = "silu", rmsnorm_weight: Tensor | None = None,
+                                     rmsnorm_eps: float = 1e-6, outproj_weight: Tensor | None = None,
+                                     outproj_bias: Tensor | None = None, headdim: int = 64, ngroups: int = 1,
+                                     norm_before_gate: bool = True) -> Tensor:
+    """The fused kernel when it and causal-conv1d (which it calls) imported; otherwise the composition of the
+    per-op dispatchers, so that a Triton-only install still runs the SSD scan and norm fused."""
+    args = (zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, activation, rmsnorm_weight, rmsnorm_eps,
+            outproj_weight, outproj_bias, headdim, ngroups, norm_before_gate)
+    if use_fused("mamba_split_conv1d_scan_combined", zxbcdt) and fused_kernel("causal_conv1d_fn") is not None:
+        return mamba_split_conv1d_scan_combined_fused(*args)
+    return _split_conv1d_scan(*args, causal_conv1d, ssd_chunk_scan, rmsnorm_gated)

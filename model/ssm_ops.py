@@ -28,6 +28,7 @@ _KERNEL_SOURCES: dict[str, tuple[str, str]] = {
     "causal_conv1d_fn": ("causal_conv1d", "causal_conv1d_fn"),
     "causal_conv1d_update": ("causal_conv1d", "causal_conv1d_update"),
     "mamba_chunk_scan_combined": ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined"),
+    "mamba_split_conv1d_scan_combined": ("mamba_ssm.ops.triton.ssd_combined", "mamba_split_conv1d_scan_combined"),
     "selective_state_update": ("mamba_ssm.ops.triton.selective_state_update", "selective_state_update"),
     "rmsnorm_fn": ("mamba_ssm.ops.triton.layernorm_gated", "rmsnorm_fn"),
     "selective_scan_fn": ("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn"),

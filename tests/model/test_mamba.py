@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from model import ModelConfig, create_model
 from model.mamba import MambaLM, from_transformers_state_dict, to_transformers_state_dict, transformers_config_kwargs
 from model.selective_scan import selective_scan_fused, selective_scan_ref, selective_scan_stepwise_ref
-from model.ssd_scan import ssd_chunk_scan_fused, ssd_chunk_scan_ref, ssd_scan_stepwise_ref
+from model.ssd_scan import (mamba_split_conv1d_scan_combined_fused, mamba_split_conv1d_scan_combined_ref,
+                            ssd_chunk_scan_fused, ssd_chunk_scan_ref, ssd_scan_stepwise_ref)
 from model import ssm_ops
 from model.ssm_ops import (causal_conv1d_fused, causal_conv1d_ref, fused_kernel, fused_ops_report, fused_ops_status,
                            reference_ops, rmsnorm_gated_fused, rmsnorm_gated_ref, selective_state_update_fused,
@@ -344,11 +345,17 @@ def test_kernel_import_survives_a_failing_package_init(tmp_path, monkeypatch):
 
 # ---- DeepSpeed ----------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def single_rank_group():
-    """A one-rank gloo process group, reused if one is already up (the shared conftest may have started it)."""
+@pytest.fixture(scope="session")
+def single_rank_group(request):
+    """A one-rank gloo process group: the shared conftest's `process_group` when there is one, else started here.
+    Session-scoped and left up until the session ends: DeepSpeed caches its groups, so a group destroyed and
+    started again breaks later DeepSpeed tests in the same process."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".torch_extensions" / "test_mamba"))
+    try:
+        request.getfixturevalue("process_group")
+    except pytest.FixtureLookupError:
+        pass
     import deepspeed
     import torch.distributed as dist
 
@@ -365,6 +372,7 @@ def single_rank_group():
         deepspeed.init_distributed(dist_backend="gloo")
     yield deepspeed
     if started and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -441,6 +449,25 @@ def test_fused_ssd_scan_matches_reference(dtype, tol):
     inputs = {k: t[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")}
     assert_outputs_and_grads_close(ssd_chunk_scan_fused, ssd_chunk_scan_ref, inputs,
                                    dict(chunk_size=64, dt_softplus=True), rtol=tol, atol=tol)
+
+
+@cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 5e-2)])
+def test_fused_split_conv1d_scan_combined_matches_reference(dtype, tol):
+    """The one-op Mamba-2 training path (mamba-ssm's memory-efficient kernel) against the reference ops."""
+    require_kernel("mamba_split_conv1d_scan_combined")
+    require_kernel("causal_conv1d_fn")
+    H, P, G, N, d_model = 4, 64, 2, 64, 128
+    d_inner, conv_dim = H * P, H * P + 2 * G * N
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *shape, scale=1.0: (torch.randn(*shape, device="cuda", generator=g) * scale).to(dtype)  # noqa: E731
+    inputs = dict(zxbcdt=r(2, 300, 2 * d_inner + 2 * G * N + H), conv1d_weight=r(conv_dim, 4, scale=0.5),
+                  conv1d_bias=r(conv_dim), dt_bias=r(H).float() - 2, A=-torch.rand(H, device="cuda") * 15 - 1,
+                  D=torch.ones(H, device="cuda"), rmsnorm_weight=r(d_inner, scale=0.1) + 1,
+                  outproj_weight=r(d_model, d_inner, scale=d_inner ** -0.5))
+    kwargs = dict(chunk_size=64, activation="silu", rmsnorm_eps=1e-5, headdim=P, ngroups=G, norm_before_gate=False)
+    assert_outputs_and_grads_close(mamba_split_conv1d_scan_combined_fused, mamba_split_conv1d_scan_combined_ref,
+                                   inputs, kwargs, rtol=tol, atol=tol)
 
 
 @cuda
