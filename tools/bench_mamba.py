@@ -36,7 +36,8 @@ from launcher.presets import PRESETS  # noqa: E402
 from model import ModelConfig, create_model  # noqa: E402
 from model.mamba_mixers import inverse_softplus_dt  # noqa: E402
 from model.selective_scan import selective_scan_fused, selective_scan_ref, selective_scan_stepwise_ref  # noqa: E402
-from model.ssd_scan import ssd_chunk_scan_fused, ssd_chunk_scan_ref, ssd_scan_stepwise_ref  # noqa: E402
+from model.ssd_scan import (mamba_split_conv1d_scan_combined_fused, mamba_split_conv1d_scan_combined_ref,  # noqa: E402
+                            ssd_chunk_scan_fused, ssd_chunk_scan_ref, ssd_scan_stepwise_ref)
 from model.ssm_ops import flush_denormals, fused_ops_status, reference_ops  # noqa: E402
 
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core FLOP/s of an H100/H200 SXM (NVIDIA H100 datasheet)
@@ -176,10 +177,31 @@ def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-6)).item()
 
 
+def split_conv1d_scan_inputs(batch: int, seqlen: int, config: ModelConfig, device, dtype) -> tuple[dict, dict]:
+    """Inputs of the whole Mamba-2 mixer op (after in_proj) for `config`, at initialisation scale."""
+    heads, G, N, P = config.expand * config.d_model // config.headdim, config.ngroups, config.d_state, config.headdim
+    d_inner = heads * P
+    conv_dim = d_inner + 2 * G * N
+    inputs = dict(zxbcdt=torch.randn(batch, seqlen, 2 * d_inner + 2 * G * N + heads, device=device, dtype=dtype),
+                  conv1d_weight=torch.randn(conv_dim, config.d_conv, device=device, dtype=dtype) * 0.5,
+                  conv1d_bias=torch.zeros(conv_dim, device=device, dtype=dtype),
+                  dt_bias=inverse_softplus_dt(heads).to(device), A=-torch.empty(heads, device=device).uniform_(1, 16),
+                  D=torch.ones(heads, device=device), rmsnorm_weight=torch.ones(d_inner, device=device, dtype=dtype),
+                  outproj_weight=torch.randn(config.d_model, d_inner, device=device, dtype=dtype) * d_inner ** -0.5)
+    kwargs = dict(chunk_size=config.chunk_size, activation="silu", rmsnorm_eps=config.norm_eps, headdim=P,
+                  ngroups=G, norm_before_gate=False)
+    return inputs, kwargs
+
+
 def bench_cuda_scans(repeats: int) -> None:
     cuda = torch.device("cuda")
     rows = []
-    cases = [("mamba2 SSD (1b_mamba layer)", ssd_chunk_scan_fused, ssd_chunk_scan_ref,
+    preset = PRESETS["1b_mamba"]
+    mixer_inputs, mixer_kwargs = split_conv1d_scan_inputs(4, 2048, ModelConfig(model_type="mamba", **preset["model"]),
+                                                          cuda, torch.bfloat16)
+    cases = [("mamba2 mixer op (1b_mamba layer)", mamba_split_conv1d_scan_combined_fused,
+              mamba_split_conv1d_scan_combined_ref, mixer_inputs, mixer_kwargs),
+             ("mamba2 SSD (1b_mamba layer)", ssd_chunk_scan_fused, ssd_chunk_scan_ref,
               ssd_inputs(4, 2048, 64, 64, 128, cuda, torch.bfloat16), dict(chunk_size=256, dt_softplus=True)),
              ("mamba1 selective (d 4096, N 16)", selective_scan_fused, selective_scan_ref,
               scan_inputs(4, 4096, 2048, 16, cuda, torch.bfloat16), dict(delta_softplus=True))]
