@@ -27,7 +27,11 @@ from model.ssm_ops import (causal_conv1d_fused, causal_conv1d_ref, fused_kernel,
                            selective_state_update_ref)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def cuda(test):
+    """GPU test: marked `gpu` (pytest.ini; select with -m gpu) and skipped without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
 
 
 @pytest.fixture(autouse=True, scope="module")
