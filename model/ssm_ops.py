@@ -88,12 +88,20 @@ def fused_kernel(name: str) -> Callable[..., Any] | None:
     return _load_kernels().get(name)
 
 
-def fused_ops_status() -> tuple[bool, str]:
-    """(True when every fused kernel imported, a one-line reason) for the env check."""
+# The kernels each mixer's training path needs (decoding also uses causal_conv1d_update and selective_state_update).
+_KERNELS_FOR = {"mamba2": ("mamba_split_conv1d_scan_combined", "mamba_chunk_scan_combined", "rmsnorm_fn",
+                           "causal_conv1d_fn"),
+                "mamba1": ("selective_scan_fn", "causal_conv1d_fn")}
+
+
+def fused_ops_status(ssm_type: str | None = None) -> tuple[bool, str]:
+    """(True when the fused kernels imported, a one-line reason) for the env check: all of them, or those the
+    training path of `ssm_type` ('mamba2' or 'mamba1') needs."""
     kernels = _load_kernels()
-    if len(kernels) == len(_KERNEL_SOURCES):
+    wanted = _KERNELS_FOR[ssm_type] if ssm_type else tuple(_KERNEL_SOURCES)
+    missing = sorted(set(wanted) - set(kernels))
+    if not missing:
         return True, "mamba-ssm and causal-conv1d kernels available"
-    missing = sorted(set(_KERNEL_SOURCES) - set(kernels))
     reasons = sorted({_failures[name] for name in missing})
     return False, f"fused kernels missing: {', '.join(missing)} ({'; '.join(reasons)})"
 
