@@ -345,7 +345,9 @@ def test_fused_ops_report_a_reason_when_unavailable():
     assert set(fused_ops_report()) >= {"mamba_chunk_scan_combined", "selective_scan_fn", "causal_conv1d_fn"}
     for ssm_type in ("mamba2", "mamba1"):
         ok, why = fused_ops_status(ssm_type)
-        assert ok == available or not available and isinstance(why, str)
+        assert ok if available else (ok or why.startswith("fused kernels missing"))
+        if not torch.cuda.is_available():
+            assert not ok and "CUDA" in why
 
 
 def test_kernel_import_survives_a_failing_package_init(tmp_path, monkeypatch):
