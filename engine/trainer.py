@@ -13,6 +13,7 @@ from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.accelerator import get_accelerator
 
 from data import DataConfig, PreparedData, TokenShardReader, TokenWindows, Tokenizer, eval_indices, \
     prepare_data, sample_indices
@@ -83,6 +84,10 @@ class Trainer:
         self.val_windows = TokenWindows(TokenShardReader(self.prepared.val_prefix).tokens, seq_len,
                                         seed=self.training.seed, shuffle=False)
 
+        if get_accelerator().device_name() == "cpu":
+            # Decaying SSM states and small gradients underflow into denormals, which x86 handles ~100x slower;
+            # flushing them made the CPU Mamba scan ~7x faster (shared/MACHINE_NOTES.md). GPUs flush already.
+            torch.set_flush_denormal(True)
         torch.manual_seed(self.training.seed)
         zero3 = self.ds_config.get("zero_optimization", {}).get("stage", 0) == 3
         # Under ZeRO-3 each rank materialises only its partition of the weights while they are created.

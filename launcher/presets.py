@@ -7,6 +7,15 @@ from __future__ import annotations
 
 from typing import Any
 
+# Training section shared by the CPU-sized presets. 200 steps of 16 x 256 tokens (0.8M tokens, about half an
+# epoch of the embedded corpus) take about 4 minutes on two idle CPU cores for 'tiny' and bring its validation
+# loss to ~5.2 nats, against the corpus's unigram cross-entropy of ~6.6 (measured on the quick start).
+_CPU_TRAINING: dict[str, Any] = {
+    "batch_size": 16, "gradient_accumulation_steps": 1, "max_steps": 200, "learning_rate": 2e-3,
+    "warmup_steps": 20, "weight_decay": 0.1, "eval_interval": 50, "eval_batches": 8, "save_interval": 100,
+    "log_interval": 10,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # A few M parameters: trains on two CPU cores in a few minutes and reaches a validation loss well
     # below the corpus's unigram entropy. The quick start and the tests use it.
@@ -14,9 +23,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model_type": "transformer",
         "model": {"d_model": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 8192,
                   "max_seq_len": 256, "dropout": 0.0},
-        "training": {"batch_size": 16, "gradient_accumulation_steps": 1, "max_steps": 300,
-                     "learning_rate": 2e-3, "warmup_steps": 30, "weight_decay": 0.1, "eval_interval": 100,
-                     "eval_batches": 8, "save_interval": 100, "log_interval": 10},
+        "training": dict(_CPU_TRAINING),
     },
     # The Mamba counterpart of 'tiny': 5.6M parameters (3.5M without embeddings, tiny's 3.0M), two Mamba-2 blocks
     # per Transformer block (as the published Mamba sizes, above); d_state 64 and chunk 64 keep the CPU SSD scan
@@ -25,9 +32,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model_type": "mamba",
         "model": {"d_model": 256, "n_layers": 8, "ssm_type": "mamba2", "d_state": 64, "headdim": 64, "expand": 2,
                   "chunk_size": 64, "vocab_size": 8192, "max_seq_len": 256, "dropout": 0.0},
-        "training": {"batch_size": 16, "gradient_accumulation_steps": 1, "max_steps": 300,
-                     "learning_rate": 2e-3, "warmup_steps": 30, "weight_decay": 0.1, "eval_interval": 100,
-                     "eval_batches": 8, "save_interval": 100, "log_interval": 10},
+        "training": dict(_CPU_TRAINING),
     },
     # ~48M parameters (the original's 'test_small', 50M): quick validation of a real GPU setup.
     "test_small": {
