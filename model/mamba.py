@@ -18,8 +18,7 @@ bf16 mixer output to an fp32 sum.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +27,8 @@ from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
 from model.mamba_mixers import Mamba1Mixer, Mamba2Mixer, MixerState, RMSNorm
+from model.partitioned_init import gathered_for_init
+from model.sampling import sample_next_token
 
 
 class MambaBlock(nn.Module):
@@ -82,18 +83,18 @@ class MambaLM(nn.Module):
         parameters A_log, D and dt bias as each mixer defines them."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Conv1d, RMSNorm)):
-                with _gathered(module.parameters(recurse=False)):
+                with gathered_for_init(module.parameters(recurse=False)):
                     if isinstance(module, RMSNorm):
                         module.weight.fill_(1.0)
                         continue
                     module.reset_parameters()
                     if isinstance(module, nn.Linear) and module.bias is not None:
                         nn.init.zeros_(module.bias)
-        with _gathered([self.backbone.embedding.weight]):  # after lm_head's reset: a tied lm_head shares it
+        with gathered_for_init([self.backbone.embedding.weight]):  # after lm_head's reset: a tied lm_head shares it
             nn.init.normal_(self.backbone.embedding.weight, mean=0.0, std=self.config.init_std)
         for block in self.backbone.layers:
             mixer = block.mixer
-            with _gathered(mixer.parameters()):
+            with gathered_for_init(mixer.parameters()):
                 mixer.out_proj.weight.div_(self.config.n_layers ** 0.5)
                 mixer.reset_ssm_parameters()  # after the biases: Mamba-1's dt_proj.bias is the dt initialisation
 
@@ -155,7 +156,7 @@ class MambaLM(nn.Module):
         logits = logits[:, -1]  # (B, V)
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)  # (B,)
         for step in range(max_new_tokens):
-            next_id = _sample(logits.float(), temperature, top_k)  # (B, 1)
+            next_id = sample_next_token(logits.float(), temperature, top_k)  # (B, 1)
             if eos_id is not None:
                 next_id = torch.where(finished[:, None], torch.full_like(next_id, eos_id), next_id)
                 finished |= next_id[:, 0] == eos_id
@@ -176,29 +177,6 @@ class MambaLM(nn.Module):
 
 def _numel(p: Tensor) -> int:
     return getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partitioned parameter holds an empty tensor
-
-
-def _gathered(params: Iterable[nn.Parameter]) -> contextlib.AbstractContextManager:
-    """Whole-tensor access to parameters for initialisation. Under deepspeed.zero.Init (ZeRO-3) parameters are
-    partitioned as soon as their module is built; gathering with modifier_rank=0 writes rank 0's values and
-    broadcasts them (DeepSpeed docs, "Modifying Partitioned Parameters")."""
-    partitioned = [p for p in params if hasattr(p, "ds_id")]
-    if not partitioned:
-        return contextlib.nullcontext()
-    import deepspeed  # only reached when DeepSpeed built the parameters
-
-    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
-
-
-def _sample(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
-    """One token id per row (B, 1) from logits (B, V)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
 
 
 # ---- interoperability ----------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ Shapes: B batch, T time, C = d_model, H query heads, K key/value heads, D head d
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -19,6 +18,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
+from model.partitioned_init import gathered_for_init
+from model.sampling import sample_next_token
 
 
 class RotaryEmbedding(nn.Module):
@@ -107,18 +108,6 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
-def _gathered(param: nn.Parameter):
-    """Whole-tensor access to a parameter for initialisation. Under deepspeed.zero.Init (ZeRO-3) each module's
-    parameters are partitioned as soon as it is built, so an in-place init would write an empty shard; gathering
-    with modifier_rank=0 writes rank 0's values and broadcasts them (DeepSpeed docs, "Modifying Partitioned
-    Parameters")."""
-    if not hasattr(param, "ds_id"):
-        return contextlib.nullcontext()
-    import deepspeed  # only reached when DeepSpeed built the parameter
-
-    return deepspeed.zero.GatheredParameters(param, modifier_rank=0)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -198,10 +187,10 @@ class Transformer(nn.Module):
         residual_outputs = {id(block.attn.wo) for block in self.layers} | {id(block.mlp.w2) for block in self.layers}
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                with _gathered(module.weight):
+                with gathered_for_init(module.weight):
                     nn.init.normal_(module.weight, std=residual_std if id(module) in residual_outputs else std)
             elif isinstance(module, nn.RMSNorm):
-                with _gathered(module.weight):
+                with gathered_for_init(module.weight):
                     nn.init.ones_(module.weight)
 
     def _hidden(self, idx: Tensor, kv_cache: KVCache | None = None) -> Tensor:
@@ -247,7 +236,7 @@ class Transformer(nn.Module):
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)  # (B,)
         logits = self.lm_head(self._hidden(idx[:, -cfg.max_seq_len:], cache)[:, -1])  # (B, V)
         for step in range(max_new_tokens):
-            next_id = self._sample(logits.float(), temperature, top_k)  # (B, 1)
+            next_id = sample_next_token(logits.float(), temperature, top_k)  # (B, 1)
             if eos_id is not None:
                 next_id = torch.where(finished[:, None], torch.full_like(next_id, eos_id), next_id)
                 finished |= next_id[:, 0] == eos_id
@@ -261,17 +250,6 @@ class Transformer(nn.Module):
                 step_input = idx[:, -cfg.max_seq_len:]  # (B, max_seq_len)
             logits = self.lm_head(self._hidden(step_input, cache)[:, -1])  # (B, V)
         return idx
-
-    @staticmethod
-    def _sample(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
-        """One token id per row (B, 1) from logits (B, V)."""
-        if temperature == 0:
-            return logits.argmax(dim=-1, keepdim=True)
-        logits = logits / temperature
-        if top_k is not None:
-            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameters, a tied matrix counted once. exclude_embeddings drops the token-embedding table, as in
