@@ -9,8 +9,9 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-# A dead or stuck peer should end the job within minutes, not DeepSpeed's default of 30.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+"""How long any collective waits for a stuck peer before it raises (and the launcher then ends the job).
+torch's own default is 30 min for gloo and 10 for NCCL; DeepSpeed's is 10 (DEEPSPEED_TIMEOUT)."""
 
 
 def init_distributed() -> None:
@@ -22,7 +23,22 @@ def init_distributed() -> None:
         # it serves only inference all-reduce, which training never calls (see shared/MACHINE_NOTES.md).
         # `import deepspeed.comm.torch as m` would bind the real torch package, hence import_module.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    use_timeout_for_new_groups(COLLECTIVE_TIMEOUT)
     deepspeed.init_distributed(timeout=COLLECTIVE_TIMEOUT)
+
+
+def use_timeout_for_new_groups(timeout: timedelta) -> None:
+    """Make `timeout` the default of every process group created from now on.
+
+    deepspeed.init_distributed passes its timeout to the world group only. ZeRO reduces gradients on a
+    data-parallel group that DeepSpeed makes with torch.distributed.new_group(ranks) and no timeout
+    (deepspeed/comm/torch.py), which takes torch's default (`_get_default_timeout`: 30 min for gloo): a rank stuck
+    there would outwait COLLECTIVE_TIMEOUT by 20 minutes. torch reads these module defaults at each new_group call.
+    """
+    c10d = dist.distributed_c10d
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if isinstance(getattr(c10d, name, None), timedelta):  # None when torch has no NCCL
+            setattr(c10d, name, timeout)
 
 
 def teardown_distributed() -> None:
