@@ -5,16 +5,19 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-EXTENSIONS_DIR = REPO_ROOT / ".torch_extensions"
 
 # Set before anything imports deepspeed: the CPU accelerator explicitly, and a private JIT build folder.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))
+EXTENSIONS_DIR = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".torch_extensions")))
+# JIT builds (cpu_adam for optimizer offload) run `ninja` from PATH; scripts/test.sh runs .venv/bin/python without
+# activating the venv, and a fresh machine has no system ninja, only the one requirements.txt puts in .venv/bin.
+os.environ["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), os.environ.get("PATH")]))
 
 # Small enough that a ZeRO run of a few steps takes a second or two on two cores.
 SMALL_MODEL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
@@ -27,10 +30,33 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+STALE_BUILD_S = 600
+"""A live JIT build writes into its folder at least every couple of minutes (its longest step, compiling
+cpu_adam.cpp, took ~90 s on a busy 2-core machine); a lock in a folder idle for 10 minutes was left by a killed one."""
+
+
 def clear_stale_build_locks() -> None:
-    """A killed JIT build leaves `<op>/lock` behind and every later build then waits forever."""
+    """A killed JIT build leaves `<op>/lock` behind and every later build then waits forever. A lock whose folder
+    is still being written belongs to a live build (another test run, a training run): removing it would let a
+    second build race the first, so it stays."""
+    now = time.time()
     for lock in EXTENSIONS_DIR.glob("*/lock"):
-        lock.unlink(missing_ok=True)
+        try:
+            idle = now - max(path.stat().st_mtime for path in lock.parent.iterdir())
+        except (FileNotFoundError, ValueError):  # the build finished meanwhile
+            continue
+        if idle > STALE_BUILD_S:
+            lock.unlink(missing_ok=True)
+
+
+def wait_for_build_locks(poll_s: float = 5.0) -> None:
+    """Wait until no JIT build holds a lock: a live one finishes, a dead one's lock is removed once stale.
+    (torch itself would wait on a dead build's lock forever.)"""
+    while True:
+        clear_stale_build_locks()
+        if not any(EXTENSIONS_DIR.glob("*/lock")):
+            return
+        time.sleep(poll_s)
 
 
 clear_stale_build_locks()
