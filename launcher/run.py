@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -109,12 +110,29 @@ def check_device_support(run: RunConfig, device: str) -> None:
                           "set --set training.bf16=false")
 
 
-def start_ranks(args: argparse.Namespace, argv: list[str], num_gpus: int) -> int:
-    """Re-run this command under the DeepSpeed launcher with `num_gpus` ranks and wait for it."""
+def put_venv_tools_on_path() -> None:
+    """Make the `ninja` that requirements.txt installs next to this interpreter findable.
+
+    DeepSpeed JIT-builds DeepSpeedCPUAdam (optimizer offload) with torch.utils.cpp_extension, which runs `ninja`
+    from PATH; `.venv/bin/python launcher/run.py` without an activated venv would otherwise fail with "Ninja is
+    required to load C++ extensions" on a machine without a system ninja.
+    """
+    bin_dir = Path(sys.executable).parent  # not resolved: a venv's python is a link to the base interpreter
+    if shutil.which("ninja") is None and (bin_dir / "ninja").is_file():
+        os.environ["PATH"] = os.pathsep.join(filter(None, [str(bin_dir), os.environ.get("PATH", "")]))
+
+
+def start_ranks(args: argparse.Namespace, argv: list[str], num_gpus: int, entry_script: str | None = None) -> int:
+    """Re-run this command under the DeepSpeed launcher with `num_gpus` ranks and wait for it.
+
+    The launcher ends the job when any rank exits non-zero (it terminates the others, then kills them after 30 s)
+    and exits with that rank's code, which is returned here.
+    """
     port = args.master_port or free_port()
     hostfile = ["--hostfile", args.hostfile] if args.hostfile else []
+    script = Path(entry_script or __file__).resolve()
     command = [sys.executable, "-m", "deepspeed.launcher.runner", *hostfile, "--num_gpus", str(num_gpus),
-               "--master_port", str(port), str(Path(__file__).resolve()), *argv]
+               "--master_port", str(port), str(script), *argv]
     env = dict(os.environ)
     if env.get("DS_ACCELERATOR", "cpu") == "cpu" and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // num_gpus))
@@ -135,7 +153,13 @@ def code_version() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, entry_script: str | None = None) -> int:
+    """Run the command line `argv` (default sys.argv[1:]); returns the exit code.
+
+    entry_script: the script each rank runs when this command starts the ranks itself (default launcher/run.py).
+    A script that extends the launcher before calling main() (registers a model family, wraps the Trainer) passes
+    its own path, so that its ranks run it too.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.list_presets or args.list_models or args.list_datasets:
@@ -162,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         # Plan here too, so that a run that cannot fit fails before any rank starts; the ranks plan again.
         if make_plan(run, args, world_size, run_name, launched=False, detect_in_subprocess=True) is None:
             return 2
-        return start_ranks(args, argv, run.num_gpus)
+        put_venv_tools_on_path()
+        return start_ranks(args, argv, run.num_gpus, entry_script)
     device = configure_device(local_ranks(world_size))
     try:
         check_device_support(run, device)
@@ -184,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config OK: {run_name}, model_type {run.model_type}, world size {world_size}")
         print(f"ds_config written to {ds_config_path}")
         return 0
+    put_venv_tools_on_path()
     return train(run, plan, ds_config, args, world_size)
 
 
@@ -276,7 +302,13 @@ def train(run: RunConfig, plan, ds_config: dict, args: argparse.Namespace, world
     local_rank = args.local_rank if args.local_rank is not None else int(os.environ.get("LOCAL_RANK", 0))
     trainer = Trainer(model_config=run.model, training=training, data=run.data, ds_config=ds_config,
                       run_record=run_record, local_rank=local_rank)
-    result = trainer.train()
+    try:
+        result = trainer.train()
+    except BaseException as err:
+        if world_size > 1:  # every rank writes to the same terminal: say which one failed, before its traceback
+            print(f"error: rank {os.environ.get('RANK', '?')} of {world_size} failed at step {trainer.step}: "
+                  f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        raise
     if is_main_process():
         baseline = unigram_cross_entropy(trainer.prepared)
         print(f"\nfinished {result.final_step} steps, {result.tokens_per_s:,.0f} tokens/s")
