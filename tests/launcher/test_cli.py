@@ -93,3 +93,18 @@ def test_two_ranks_under_the_deepspeed_launcher_zero2(tmp_path, data_cache):
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     state = torch.load(tmp_path / "checkpoints" / "final_model.pt", weights_only=True)
     assert state["run_config"]["training"]["zero_stage"] == 2
+
+
+def test_the_venvs_ninja_is_found_without_an_activated_venv(tmp_path, monkeypatch):
+    """DeepSpeedCPUAdam (optimizer offload) JIT-builds with `ninja` from PATH; requirements.txt installs it next to
+    the interpreter, which `.venv/bin/python launcher/run.py` does not put on PATH."""
+    import shutil
+
+    from launcher.run import put_venv_tools_on_path
+
+    venv_ninja = Path(sys.executable).parent / "ninja"
+    if not venv_ninja.is_file():
+        pytest.skip("no ninja next to this interpreter (requirements.txt installs one)")
+    monkeypatch.setenv("PATH", str(tmp_path))  # a machine without a system ninja
+    put_venv_tools_on_path()
+    assert shutil.which("ninja") == str(venv_ninja)
