@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +18,10 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 EXTENSIONS_DIR = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".torch_extensions")))
 # JIT builds (cpu_adam for optimizer offload) run `ninja` from PATH; scripts/test.sh runs .venv/bin/python without
 # activating the venv, and a fresh machine has no system ninja, only the one requirements.txt puts in .venv/bin.
-os.environ["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), os.environ.get("PATH")]))
+# A system ninja, when there is one, stays first, as in launcher/run.py: a build made by another ninja version is
+# rebuilt from scratch (~100 s for cpu_adam), so tests and training runs must pick the same one.
+if shutil.which("ninja") is None:
+    os.environ["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), os.environ.get("PATH")]))
 
 # Small enough that a ZeRO run of a few steps takes a second or two on two cores.
 SMALL_MODEL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
