@@ -1,22 +1,25 @@
-"""Mamba-1's selective scan: fused CUDA kernel and a two-level chunked PyTorch reference.
+"""Mamba-1's selective scan: fused CUDA kernel and a chunked PyTorch reference with its own backward.
 
 The recurrence, per channel d and state index n (Gu & Dao 2023, arXiv:2312.00752, Algorithm 2):
     h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t        h (D, N); A (D, N); B_t, C_t (N,)
     y_t = C_t . h_t + D u_t,  times silu(z_t)
 Unlike Mamba-2, the decay exp(delta_t A[d, n]) differs per state index n, so the attention-like chunk form of SSD
-does not apply; and the "divide by the cumulative decay" trick overflows (exp(-sum delta A) passes 1e38 within a
-few dozen steps once trained). The reference instead runs a two-level scan with only stable operations
-(products of decays <= 1): a recurrence over the Q positions of a chunk, run for all chunks at once, then a
-recurrence over the chunks that carries the state in, then a correction exp(A * cumsum delta) * carry. With
-Q ~ sqrt(L) that is ~2 sqrt(L) Python steps instead of L, over tensors 1/Q and 1/nc of the full size.
+(a (Q, Q) segment-sum matrix per chunk) would cost Q times the work for every (d, n); and the "divide by the
+cumulative decay" trick overflows (exp(-sum delta A) passes 1e38 within a few dozen steps once trained). Every
+step touches a (B, D, N) tensor whatever the algorithm, so on CPU the cost is memory traffic and per-op overhead,
+not arithmetic. The reference therefore runs the exact recurrence, one fused multiply-add per step in place, over
+chunks of CHUNK_SIZE steps whose (Q, B, D, N) decays and inputs are built with a few vectorised ops while they
+are still in cache, and reads y out per chunk. The backward is written by hand (the reverse recurrence
+g_t = C_t gy_t + exp(delta_{t+1} A) g_{t+1}, chunk by chunk from the end) and recomputes each chunk's decays and
+states from the state saved at its start, as mamba-ssm's kernel does: autograd would otherwise keep several
+(B, D, L, N) tensors, and the time grew faster than L once they left the caches. Only products of decays <= 1
+are formed, so nothing can overflow, and the result matches the step-by-step oracle to rounding.
 
 All three functions share mamba-ssm's `selective_scan_fn` signature:
     u (B, D, L), delta (B, D, L), A (D, N), B and C (B, N, L) or (B, G, N, L), D (D,), z (B, D, L),
     delta_bias (D,), prev_state (B, D, N) -> y (B, D, L) [, last_state (B, D, N) in fp32].
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -47,61 +50,112 @@ def _skip_and_gate(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> 
     return y
 
 
+# Steps per chunk. Measured on 2 CPU cores (tools/bench_mamba.py shapes, B 2, d_inner 256, N 16, L 256 and 1024):
+# 16 and 32 were 5-15% slower (more vectorised ops per step), 48-128 equal within noise; 64 keeps each of the
+# chunk's four (Q, B, D, N) work tensors at 2 MiB here. A larger B*D only makes the per-op overhead matter less.
+CHUNK_SIZE = 64
+
+
+def _chunk_states(delta: Tensor, du: Tensor, A: Tensor, B: Tensor, state: Tensor, decay: Tensor,
+                  states: Tensor) -> Tensor:
+    """Fill `decay` with exp(delta A) and `states` with h_t for the Q steps of one chunk, starting from `state`
+    (the state before the chunk); returns the last state (a view into `states`). Layout, state index before
+    channel so the broadcasts run along contiguous channels: delta, du (Q, B, G, D/G); A (G, N, D/G);
+    B (Q, B, G, N); state (B, G, N, D/G); decay, states (Q, B, G, N, D/G)."""
+    torch.mul(delta[:, :, :, None, :], A, out=decay).exp_()
+    torch.mul(du[:, :, :, None, :], B[..., None], out=states)  # the inputs, overwritten step by step by h_t
+    for decay_t, h_t in zip(decay.unbind(0), states.unbind(0)):
+        state = h_t.addcmul_(decay_t, state)  # h_t = a_t h_{t-1} + b_t
+    return state
+
+
+def _bmm(x: Tensor, y: Tensor, out: Tensor) -> None:
+    """x @ y into out, batched over all leading dimensions."""
+    torch.bmm(x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:]),
+              out=out.view(-1, x.shape[-2], y.shape[-1]))
+
+
+class _ChunkedSelectiveScan(torch.autograd.Function):
+    """y_t = C_t . h_t and the last state, for delta, du = delta * u (L, B, G, D/G), A (G, N, D/G), B, C
+    (L, B, G, N) and the initial state (B, G, N, D/G); saves only the inputs and each chunk's starting state."""
+
+    @staticmethod
+    def forward(ctx, delta: Tensor, du: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                state: Tensor) -> tuple[Tensor, Tensor]:
+        seqlen, Q = delta.shape[0], min(CHUNK_SIZE, delta.shape[0])
+        decay_buf = delta.new_empty(Q, *state.shape)  # (Q, B, G, N, D/G), reused by every chunk
+        states_buf = torch.empty_like(decay_buf)
+        y = torch.empty_like(delta)  # (L, B, G, D/G)
+        chunk_starts = []
+        for start in range(0, seqlen, Q):
+            end = min(start + Q, seqlen)
+            chunk_starts.append(state)
+            states = states_buf[:end - start]
+            state = _chunk_states(delta[start:end], du[start:end], A, B[start:end], state,
+                                  decay_buf[:end - start], states).clone()
+            _bmm(C[start:end, :, :, None, :], states, y[start:end])  # (Q, B, G, 1, N) @ (Q, B, G, N, D/G)
+        ctx.save_for_backward(delta, du, A, B, C, *chunk_starts)
+        return y, state
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: Tensor, grad_last: Tensor) -> tuple[Tensor, ...]:
+        delta, du, A, B, C, *chunk_starts = ctx.saved_tensors
+        seqlen, Q = delta.shape[0], min(CHUNK_SIZE, delta.shape[0])
+        grad_y = grad_y.contiguous()
+        grad_delta, grad_du, grad_B, grad_C = (torch.empty_like(t) for t in (delta, du, B, C))
+        grad_A = torch.zeros_like(A)
+        decay_buf = delta.new_empty(Q, *chunk_starts[0].shape)  # (Q, B, G, N, D/G)
+        states_buf, grad_h_buf, work_buf = (torch.empty_like(decay_buf) for _ in range(3))
+        carry = grad_last  # dLoss/dh at the end of the current chunk, from the steps after it
+        for index in reversed(range(len(chunk_starts))):
+            start = index * Q
+            end = min(start + Q, seqlen)
+            n = end - start
+            decay, states, grad_h, work = decay_buf[:n], states_buf[:n], grad_h_buf[:n], work_buf[:n]
+            state_in = chunk_starts[index]
+            _chunk_states(delta[start:end], du[start:end], A, B[start:end], state_in, decay, states)
+            # g_t = dLoss/dh_t = C_t gy_t + a_{t+1} g_{t+1}
+            torch.mul(grad_y[start:end, :, :, None, :], C[start:end, ..., None], out=grad_h)
+            grad_h[-1] += carry
+            for t in range(n - 2, -1, -1):
+                grad_h[t].addcmul_(decay[t + 1], grad_h[t + 1])
+            carry = decay[0] * grad_h[0]
+            _bmm(grad_y[start:end, :, :, None, :], states.transpose(-1, -2), grad_C[start:end])  # sum over D/G
+            _bmm(B[start:end, :, :, None, :], grad_h, grad_du[start:end])  # b_t = du_t B_t: sum over N
+            _bmm(du[start:end, :, :, None, :], grad_h.transpose(-1, -2), grad_B[start:end])  # sum over D/G
+            # dLoss/d(delta_t A) = g_t a_t h_{t-1}
+            grad_dA = torch.mul(grad_h, decay, out=work)
+            grad_dA[0] *= state_in
+            grad_dA[1:] *= states[:-1]
+            torch.sum(torch.mul(grad_dA, A, out=grad_h), -2, out=grad_delta[start:end])
+            grad_A += torch.mul(grad_dA, delta[start:end, :, :, None, :], out=grad_h).sum((0, 1))
+        return grad_delta, grad_du, grad_A, grad_B, grad_C, carry
+
+
 def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                        z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                        return_last_state: bool = False,
                        prev_state: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
-    """Two-level chunked selective scan (fp32 math): the CPU path and the oracle for the CUDA kernel."""
+    """Chunked selective scan (fp32 math): the CPU path and the oracle for the CUDA kernel."""
     batch, dim, seqlen = u.shape
     delta, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
     groups, dstate = B.shape[1], B.shape[2]
     per_group = dim // groups
-    Q = max(1, math.ceil(math.sqrt(seqlen)))  # chunk length: balances Q in-chunk steps against L/Q chunk steps
-    chunks = -(-seqlen // Q)
-    pad = chunks * Q - seqlen
-    du = delta * upcast(u)  # (B, D, L)
-    if pad:  # zero steps at the end: decay 1 and no input, so the last state passes through unchanged
-        delta, du = F.pad(delta, (0, pad)), F.pad(du, (0, pad))
-        B, C = F.pad(B, (0, pad)), F.pad(C, (0, pad))
 
-    # Layout (Q, B, G, D/G, c, N): position-in-chunk first, so unbind(0) yields contiguous per-step tensors.
-    def by_step(t: Tensor) -> Tensor:  # (B, D, L) -> (Q, B, G, D/G, c, 1)
-        return t.view(batch, groups, per_group, chunks, Q).permute(4, 0, 1, 2, 3).unsqueeze(-1)
+    def steps_first(t: Tensor) -> Tensor:  # (B, D, L) -> (L, B, G, D/G)
+        return t.view(batch, groups, per_group, seqlen).permute(3, 0, 1, 2).contiguous()
 
-    def by_step_bc(t: Tensor) -> Tensor:  # (B, G, N, L) -> (Q, B, G, 1, c, N)
-        return t.view(batch, groups, dstate, chunks, Q).permute(4, 0, 1, 3, 2).unsqueeze(3)
-
-    A_ = A.view(groups, per_group, 1, dstate)  # (G, D/G, 1, N)
-    delta_q = by_step(delta).contiguous()  # (Q, B, G, D/G, c, 1)
-    decay = torch.exp(delta_q * A_)  # (Q, B, G, D/G, c, N)
-    inputs = by_step(du) * by_step_bc(B).contiguous()  # (Q, B, G, D/G, c, N)
-    C_q = by_step_bc(C).contiguous()  # (Q, B, G, 1, c, N)
-
-    # Level 1: the recurrence inside every chunk at once, each chunk starting from a zero state; each step's
-    # output is read out at once, so the (Q, ..., N) states are never stacked.
-    h = inputs[0]
-    y_local = [(h * C_q[0]).sum(-1)]
-    for decay_t, input_t, C_t in zip(decay[1:].unbind(0), inputs[1:].unbind(0), C_q[1:].unbind(0)):
-        h = decay_t * h + input_t  # (B, G, D/G, c, N)
-        y_local.append((h * C_t).sum(-1))  # (B, G, D/G, c)
-    # Decay from the chunk start to each position, exp(A * cumsum delta): a sum of the scalar delta, then one
-    # exp; stable because the exponent is <= 0.
-    from_start = torch.exp(delta_q.cumsum(0) * A_)  # (Q, B, G, D/G, c, N)
-
-    # Level 2: carry the state across chunks, one step per chunk (h holds every chunk's zero-start end state).
-    state = (delta.new_zeros(batch, groups, per_group, dstate) if prev_state is None
-             else upcast(prev_state).view(batch, groups, per_group, dstate))
-    carries = []
-    for decay_c, local_c in zip(from_start[-1].unbind(3), h.unbind(3)):
-        carries.append(state)
-        state = decay_c * state + local_c  # (B, G, D/G, N)
-    carry_in = torch.stack(carries, dim=3)  # (B, G, D/G, c, N)
-
-    # The true state is local + from_start * carry_in; read out through C the two terms separately.
-    y = torch.stack(y_local) + (from_start * C_q * carry_in).sum(-1)  # (Q, B, G, D/G, c)
-    y = y.permute(1, 2, 3, 4, 0).reshape(batch, dim, chunks * Q)[:, :, :seqlen]  # (B, D, L)
+    state = (delta.new_zeros(batch, groups, dstate, per_group) if prev_state is None
+             else upcast(prev_state).view(batch, groups, per_group, dstate).transpose(-1, -2).contiguous())
+    y, state = _ChunkedSelectiveScan.apply(
+        steps_first(delta), steps_first(delta * upcast(u)),
+        A.view(groups, per_group, dstate).transpose(-1, -2).contiguous(),  # (G, N, D/G)
+        B.permute(3, 0, 1, 2).contiguous(), C.permute(3, 0, 1, 2).contiguous(),  # (L, B, G, N)
+        state)  # y (L, B, G, D/G), state (B, G, N, D/G)
+    y = y.permute(1, 2, 3, 0).reshape(batch, dim, seqlen)  # (B, D, L)
     y = _skip_and_gate(y, u, D, z).to(u.dtype)
-    return (y, state.reshape(batch, dim, dstate)) if return_last_state else y
+    return (y, state.transpose(-1, -2).reshape(batch, dim, dstate)) if return_last_state else y
 
 
 def selective_scan_stepwise_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,

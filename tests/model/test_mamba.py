@@ -21,7 +21,7 @@ from model.mamba import MambaLM, from_transformers_state_dict, to_transformers_s
 from model.selective_scan import selective_scan_fused, selective_scan_ref, selective_scan_stepwise_ref
 from model.ssd_scan import (mamba_split_conv1d_scan_combined_fused, mamba_split_conv1d_scan_combined_ref,
                             ssd_chunk_scan_fused, ssd_chunk_scan_ref, ssd_scan_stepwise_ref)
-from model import ssm_ops
+from model import selective_scan as selective_scan_module, ssm_ops
 from model.ssm_ops import (causal_conv1d_fused, causal_conv1d_ref, fused_kernel, fused_ops_report, fused_ops_status,
                            reference_ops, rmsnorm_gated_fused, rmsnorm_gated_ref, selective_state_update_fused,
                            selective_state_update_ref)
@@ -119,7 +119,9 @@ def test_ssd_chunked_scan_gradcheck_float64():
     assert torch.autograd.gradcheck(scan, inputs)
 
 
-def test_selective_chunked_scan_gradcheck_float64():
+@pytest.mark.parametrize("chunk_size", [3, 64])
+def test_selective_chunked_scan_gradcheck_float64(chunk_size, monkeypatch):
+    monkeypatch.setattr(selective_scan_module, "CHUNK_SIZE", chunk_size)  # 3: two full chunks and a partial one
     t = scan_inputs(1, 3, 7, 1, 2, dtype=torch.float64)
     names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "prev_state"]
     inputs = tuple(t[n].requires_grad_() for n in names)
