@@ -176,7 +176,8 @@ def model_state_bytes(num_params: int, layout: Layout, *, largest_tensor: int = 
                       persistent: int = 0) -> ModelStateBytes:
     """Bytes of the model states per rank for `num_params` trainable parameters under `layout`.
 
-    largest_tensor and persistent (elements; see model_sizes.ParameterStats) only matter for ZeRO-3.
+    largest_tensor and persistent (elements; see model_sizes.ParameterStats) only matter for ZeRO-3, and
+    largest_tensor also for ZeRO-1/2 with optimizer offload.
     """
     p, n, stage = num_params, layout.world_size, layout.zero_stage
     wb = gb = DTYPE_BYTES[layout.precision]
@@ -202,7 +203,18 @@ def model_state_bytes(num_params: int, layout: Layout, *, largest_tensor: int = 
         step = 0 if off_opt else part * (gb + FP32_GRAD_BYTES)
         master = 0 if off_opt else part * MASTER_BYTES
         states = 0 if off_opt else part * ADAM_STATE_BYTES
-        cpu = part * (FP32_GRAD_BYTES + MASTER_BYTES + ADAM_STATE_BYTES) if off_opt else 0
+        if off_opt:
+            # ZeRO-Offload (cpu_offload in stage_1_and_2.py): gradients cross to the host through a staging buffer of
+            # the largest tensor's size on each side (temp_grad_buffer_for_gpu/cpu_offload). The host keeps the fp32
+            # gradient partition, master weights and Adam, a 16-bit copy of the partition that the updated weights
+            # return to the GPU from (param_buffer_of_bit16_for_cpu_offload_groups) and, in ZeRO-2, the gradients
+            # accumulated over micro-steps (accumulated_grads_in_cpu, weights' dtype; allocated only with gradient
+            # accumulation, counted always). DeepSpeed's estimator leaves out these three.
+            staging = largest_tensor * gb
+            backward += staging
+            persistent_g = step = staging
+            cpu = (part * (FP32_GRAD_BYTES + MASTER_BYTES + ADAM_STATE_BYTES + wb + (gb if stage == 2 else 0))
+                   + staging)
     else:
         # ZeRO-3 (stage3.py): a flat 16-bit gradient partition buffer allocated once (grad_partitions_flat_buffer,
         # on the optimizer's device), fp32 gradients converted one sub-group at a time, tensors below the
@@ -302,7 +314,7 @@ def estimate_memory(model: ModelConfig, layout: Layout) -> MemoryEstimate:
     """Per-rank GPU and host memory of training `model` under `layout`."""
     stats = model_sizes.parameter_stats(model, STAGE3_PARAM_PERSISTENCE_THRESHOLD)
     zero3 = layout.zero_stage == 3
-    largest = stats.largest_tensor if zero3 else 0
+    largest = stats.largest_tensor if zero3 or layout.offload != "none" else 0
     persistent = stats.persistent if zero3 else 0
     states = model_state_bytes(stats.total, layout, largest_tensor=largest, persistent=persistent)
     comm = communication_bytes(stats.total, layout, largest_tensor=largest, persistent=persistent)

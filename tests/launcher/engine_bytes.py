@@ -58,24 +58,32 @@ def held_bytes(model: torch.nn.Module | None = None) -> int:
     return sum(storages.values())
 
 
-def ds_config(stage: int, precision: str) -> dict[str, Any]:
+def ds_config(stage: int, precision: str, offload: str = "none") -> dict[str, Any]:
+    """offload as in launcher.memory.Layout: 'optimizer' runs DeepSpeedCPUAdam (a JIT build of cpu_adam)."""
     zero = {"stage": stage, **DEEPSPEED_BUCKET_ELEMENTS, "reduce_bucket_size": TEST_REDUCE_BUCKET}
+    adam = {"lr": 1e-3, "weight_decay": 0.1}
+    if offload == "none":
+        adam["torch_adam"] = True
+    else:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if offload == "optimizer+params":
+        zero["offload_param"] = {"device": "cpu"}
     return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": ACCUMULATION,
-            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1, "torch_adam": True}},
+            "optimizer": {"type": "AdamW", "params": adam},
             "zero_optimization": zero, "bf16": {"enabled": precision == "bf16"},
             "fp16": {"enabled": precision == "fp16", "initial_scale_power": 8}, "steps_per_print": 2**31 - 1}
 
 
-def measure(stage: int, precision: str) -> dict[str, int]:
+def measure(stage: int, precision: str, offload: str = "none") -> dict[str, int]:
     """Build MODEL under DeepSpeed and run two optimizer steps: bytes held while gradients accumulate, after a step
-    and inside the optimizer's step."""
+    and inside the optimizer's step. On a CPU host, offloaded states are counted with the rest."""
     import deepspeed
 
     from engine.trainer import param_groups
 
     rank = int(os.environ.get("RANK", 0))
     base = held_bytes()
-    config = ds_config(stage, precision)
+    config = ds_config(stage, precision, offload)
     torch.manual_seed(0)
     with deepspeed.zero.Init(config_dict_or_path=config, enabled=stage == 3):
         model = create_model(MODEL.model_type, MODEL)

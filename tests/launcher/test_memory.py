@@ -18,7 +18,7 @@ from launcher.memory import (DTYPE_BYTES, STAGE3_PARAM_PERSISTENCE_THRESHOLD, SU
                              estimate_memory, model_state_bytes)
 from launcher.presets import PRESETS
 from model import ModelConfig, create_model
-from tests.conftest import EXTENSIONS_DIR, REPO_ROOT, free_port
+from tests.conftest import EXTENSIONS_DIR, REPO_ROOT, free_port, wait_for_build_locks
 from tests.launcher import engine_bytes
 
 HAS_MAMBA = importlib.util.find_spec("model.mamba") is not None
@@ -101,14 +101,18 @@ def test_model_states_agree_with_deepspeed_estimators(preset, world_size, stage,
     ours = model_state_bytes(stats.total, layout, largest_tensor=stats.largest_tensor if stage == 3 else 0,
                              persistent=stats.persistent if stage == 3 else 0)
     ds_cpu, ds_gpu = _deepspeed_estimates(stats.total, stats.largest_tensor, world_size, offload, stage)
-    grad_buffer = 2 * -(-stats.total // world_size) if stage == 3 else 0
-    sub_group_saving = 4 * max(0, -(-stats.total // world_size) - SUB_GROUP_SIZE) if stage == 3 else 0
+    part = -(-stats.total // world_size)
+    grad_buffer = 2 * part if stage == 3 else 0
+    sub_group_saving = 4 * max(0, part - SUB_GROUP_SIZE) if stage == 3 else 0
     expected_gpu = ds_gpu + (grad_buffer - sub_group_saving if offload == "none" else 0)
     assert ours.at_optimizer_step == pytest.approx(expected_gpu, rel=0.01)
     if offload != "none":
         # DeepSpeed's host figure is per node with its 1.5x buffer factor; ours is per rank before that factor.
+        # Its ZeRO-2 figure also leaves out the host's 16-bit copy of the partition and its 16-bit gradient
+        # accumulation buffer (2 + 2 bytes per parameter; launcher/memory.py, checked against the engine below).
+        offload_extra = 4 * part if stage == 2 else 0
         ours_node = world_size * ours.cpu * 1.5 if stage == 3 else max(4 * stats.total * world_size,
-                                                                          world_size * ours.cpu) * 1.5
+                                                                          world_size * (ours.cpu - offload_extra)) * 1.5
         assert ours_node == pytest.approx(ds_cpu + world_size * grad_buffer * 1.5, rel=0.01)
 
 
@@ -122,27 +126,32 @@ def test_fp32_zero_keeps_a_master_copy_that_deepspeed_estimators_do_not_describe
 
 # ---- bytes held by a real engine --------------------------------------------------------------------------------
 
-def _expected_engine_bytes(stage: int, precision: str, world_size: int) -> dict[str, int]:
+def _expected_engine_bytes(stage: int, precision: str, world_size: int, offload: str = "none") -> dict[str, int]:
     """Our prediction of engine_bytes.measure's three numbers."""
     stats = model_sizes.parameter_stats(engine_bytes.MODEL, STAGE3_PARAM_PERSISTENCE_THRESHOLD)
     zero3 = stage == 3
-    states = model_state_bytes(stats.total, Layout(world_size=world_size, zero_stage=stage, precision=precision),
-                               largest_tensor=stats.largest_tensor if zero3 else 0,
-                               persistent=stats.persistent if zero3 else 0)
+    layout = Layout(world_size=world_size, zero_stage=stage, offload=offload, precision=precision)
+    states = model_state_bytes(stats.total, layout, largest_tensor=stats.largest_tensor if zero3 or offload != "none"
+                               else 0, persistent=stats.persistent if zero3 else 0)
     # ZeRO-3 allocates its reduce bucket at start-up; ZeRO-1 keeps its bucket while micro-steps accumulate.
     bucket = engine_bytes.TEST_REDUCE_BUCKET * DTYPE_BYTES[precision]
     kept_bucket = bucket if stage in (1, 3) else 0
+    # On a CPU host the offloaded states are in the same memory; and with one rank, a persistent parameter's
+    # "GPU" copy is its host partition itself (DeepSpeed's .to(device) of a CPU tensor onto the CPU is no copy).
+    host = states.cpu - (states.persistent_weights if offload == "optimizer+params" and world_size == 1 else 0)
     return {
-        "after_backward": states.resident - states.persistent_gradients + states.backward_gradients + kept_bucket,
-        "after_step": states.resident + (bucket if zero3 else 0),
+        "after_backward": (states.resident - states.persistent_gradients + states.backward_gradients + kept_bucket
+                           + host),
+        "after_step": states.resident + (bucket if zero3 else 0) + host,
         "in_step": (states.weights + states.step_gradients + states.master_weights + states.optimizer_states
-                    + (bucket if zero3 else 0)),
+                    + (bucket if zero3 else 0) + states.cpu),
     }
 
 
-def _assert_engine_agrees(measured: dict[str, int], stage: int, precision: str, world_size: int) -> None:
+def _assert_engine_agrees(measured: dict[str, int], stage: int, precision: str, world_size: int,
+                          offload: str = "none") -> None:
     assert measured["num_params"] == model_sizes.count_parameters(engine_bytes.MODEL)
-    expected = _expected_engine_bytes(stage, precision, world_size)
+    expected = _expected_engine_bytes(stage, precision, world_size, offload)
     for key, value in expected.items():
         # DeepSpeed pads partitions by a few elements and keeps a few scalars (loss scale, step counts).
         assert measured[key] == pytest.approx(value, rel=1e-3, abs=4096), (key, measured, expected)
@@ -163,6 +172,16 @@ PRECISIONS = ["fp32", "bf16", pytest.param("fp16", marks=pytest.mark.skipif(
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_model_states_match_engine_bytes_world_size_1(process_group, stage, precision):
     _assert_engine_agrees(engine_bytes.measure(stage, precision), stage, precision, world_size=1)
+
+
+@pytest.mark.parametrize("stage,offload,precision", [(1, "optimizer", "bf16"), (2, "optimizer", "fp32"),
+                                                     (2, "optimizer", "bf16"), (3, "optimizer", "bf16"),
+                                                     (3, "optimizer+params", "bf16")])
+def test_offloaded_model_states_match_engine_bytes_world_size_1(process_group, stage, offload, precision):
+    """Optimizer offload runs DeepSpeedCPUAdam (the cpu_adam JIT build, shared with tests/engine/test_offload.py)."""
+    wait_for_build_locks()
+    measured = engine_bytes.measure(stage, precision, offload)
+    _assert_engine_agrees(measured, stage, precision, world_size=1, offload=offload)
 
 
 @pytest.mark.slow
