@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from engine.distributed import COLLECTIVE_TIMEOUT
-from tests.conftest import REPO_ROOT, free_port
+from tests.conftest import REPO_ROOT, free_port, run_job
 from tests.launcher import rank_failure
 from tests.launcher.test_cli import small_run_args
 
@@ -30,12 +30,12 @@ HANG_TIMEOUT_S = 20
 """Collective timeout of the hang test: long enough for a slow rank to finish set-up on a busy 2-core machine."""
 
 
-def run_job(command: list[str], cwd: Path, **fault: str) -> tuple[subprocess.CompletedProcess, float]:
+def run_fault_job(command: list[str], cwd: Path, **fault: str) -> tuple[subprocess.CompletedProcess, float]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **fault}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # the job must not think it is a rank of this test process's group
     started = time.monotonic()
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    result = run_job(command, cwd=cwd, env=env, timeout=JOB_TIMEOUT_S)
     return result, time.monotonic() - started
 
 
@@ -53,7 +53,7 @@ LAUNCHES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("launch", LAUNCHES)
 def test_a_rank_that_raises_ends_the_job_with_its_error(tmp_path, data_cache, launch):
-    result, elapsed = run_job(LAUNCHES[launch](free_port(), job_args(data_cache)), tmp_path, FAULT="raise")
+    result, elapsed = run_fault_job(LAUNCHES[launch](free_port(), job_args(data_cache)), tmp_path, FAULT="raise")
     output = result.stdout + result.stderr
     assert result.returncode != 0, output[-4000:]
     assert rank_failure.failure_message(1, 2) in output, output[-4000:]
@@ -66,7 +66,7 @@ def test_a_rank_that_raises_ends_the_job_with_its_error(tmp_path, data_cache, la
 @pytest.mark.slow
 def test_a_rank_that_hangs_is_ended_by_the_collective_timeout(tmp_path, data_cache):
     command = LAUNCHES["deepspeed"](free_port(), job_args(data_cache))
-    result, elapsed = run_job(command, tmp_path, FAULT="hang", FAULT_TIMEOUT_S=str(HANG_TIMEOUT_S))
+    result, elapsed = run_fault_job(command, tmp_path, FAULT="hang", FAULT_TIMEOUT_S=str(HANG_TIMEOUT_S))
     output = result.stdout + result.stderr
     assert result.returncode != 0, output[-4000:]
     assert "rank 1 hangs at step 2" in output, output[-4000:]
