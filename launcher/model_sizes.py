@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 from model.config import ModelConfig
+from model.selective_scan import CHUNK_SIZE as MAMBA1_REFERENCE_CHUNK
 
 FP32_BYTES = 4
 """Log-sum-exp, rstd and the loss's log-probabilities are fp32 whatever the training precision."""
@@ -193,20 +194,18 @@ def _mamba2_reference_bytes(m: ModelConfig, a: int, seq_len: int) -> int:
 
 
 def _mamba1_reference_bytes(m: ModelConfig, a: int, seq_len: int) -> int:
-    """Mixer of Mamba-1 through model/selective_scan.py's two-level chunked PyTorch scan, per token (chunk
-    Q = ceil(sqrt(L)), padded length c Q); counted like _mamba2_reference_bytes."""
+    """Mixer of Mamba-1 through model/selective_scan.py's chunked PyTorch scan, per token: its autograd Function
+    saves only its inputs and the state at each chunk boundary (chunk MAMBA1_REFERENCE_CHUNK), and recomputes the
+    rest in backward; counted like _mamba2_reference_bytes."""
     dims = mamba_dims(m)
     di, r, n = dims["d_inner"], dims["dt_rank"], m.d_state
     f = FP32_BYTES
-    q = math.ceil(math.sqrt(seq_len))
-    c = -(-seq_len // q)
-    pad = c * q / seq_len
+    num_chunks = -(-seq_len // min(MAMBA1_REFERENCE_CHUNK, seq_len))
     front = (a * di * (2 * seq_len + m.d_conv - 1) / seq_len  # padded conv input and conv output
              + a * di + a * (r + 2 * n)  # x_proj's and dt_proj's inputs
              + 3 * f * di)  # delta + bias, softplus(delta), u in fp32 (a copy, or the conv output itself)
-    scan = (f * di * n * (4 * pad + (q - 1) * c / seq_len + 2 * c / seq_len)  # decays, inputs, from_start,
-            # the product read out, level-1 and level-2 states, carry_in
-            + 3 * f * di * pad + 2 * f * n * pad)  # delta, delta u, cumsum; C by step (twice)
+    scan = (2 * f * di + 2 * f * n  # delta and delta * u, B and C, laid out steps-first
+            + f * n * di * (num_chunks + 1) / seq_len)  # the state entering each chunk, and the last one
     gate = 4 * f * di  # u and z in fp32 (copies, or in fp32 the z half of in_proj's output: 2 di), silu(z), y
     return int(front + scan + gate + a * di)  # + out_proj's input
 
