@@ -11,8 +11,20 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Captured before any engine exists: a ZeRO-3 engine replaces torch.nn.functional.linear for the rest of the
+# process (DeepSpeed's memory_efficient_linear, "this will persist unless manually reset").
+NATIVE_LINEAR = torch.nn.functional.linear
+
+
+@pytest.fixture
+def native_linear(monkeypatch):
+    """Run a test with PyTorch's own F.linear, whatever ZeRO-3 engines earlier tests built."""
+    monkeypatch.setattr(torch.nn.functional, "linear", NATIVE_LINEAR)
+
 
 # Set before anything imports deepspeed: the CPU accelerator explicitly, and a private JIT build folder.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -229,7 +229,7 @@ ACTIVATION_CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("model_type,fields,seq_len", ACTIVATION_CASES)
-def test_layer_activations_match_the_tensors_autograd_saves(model_type, fields, seq_len, dtype):
+def test_layer_activations_match_the_tensors_autograd_saves(model_type, fields, seq_len, dtype, native_linear):
     """On CPU the model runs the reference kernels (composite RMSNorm, repeated K/V heads, PyTorch scans)."""
     if model_type == "mamba" and not HAS_MAMBA:
         pytest.skip("model/mamba.py not written yet")
@@ -252,7 +252,7 @@ def test_layer_activations_match_the_tensors_autograd_saves(model_type, fields, 
     assert measured == pytest.approx(predicted, rel=0.01)
 
 
-def test_whole_model_activations_match_saved_tensors():
+def test_whole_model_activations_match_saved_tensors(native_linear):
     """Blocks, final norm and the loss's fp32 log-softmax (part of the logits term) add up."""
     config = ModelConfig(model_type="transformer", vocab_size=512, d_model=128, n_layers=3, n_heads=4,
                          n_kv_heads=2, ffn_hidden=320, max_seq_len=64)
