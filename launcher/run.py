@@ -300,6 +300,14 @@ def train(run: RunConfig, plan, ds_config: dict, args: argparse.Namespace, world
     run_record = {"run_config": json.loads(resolved.model_dump_json()), "ds_config": ds_config,
                   "version": code_version()}
     local_rank = args.local_rank if args.local_rank is not None else int(os.environ.get("LOCAL_RANK", 0))
+    if int(os.environ.get("RANK", 0)) == 0:
+        from launcher.model_sizes import count_parameters
+
+        num_params = count_parameters(run.model)
+        print(f"training {args.preset or run.model_type}: {run.model_type} with {num_params / 1e6:,.1f}M parameters"
+              f" on {world_size} {os.environ.get('DS_ACCELERATOR', 'cpu')} rank(s), ZeRO-{plan.zero_stage}, "
+              f"micro-batch {plan.micro_batch} x accumulation {plan.grad_accum}, {run.training.max_steps} steps, "
+              f"{run.training.precision}; checkpoints in {run.training.checkpoint_dir}", flush=True)
     trainer = Trainer(model_config=run.model, training=training, data=run.data, ds_config=ds_config,
                       run_record=run_record, local_rank=local_rank)
     try:
