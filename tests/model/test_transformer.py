@@ -290,6 +290,7 @@ def test_checkpoint_round_trip_with_original_load_snippet(tmp_path):
     assert torch.equal(loaded.eval()(idx)[0], model(idx)[0])
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bf16 FlashAttention path)")
 def test_bf16_cuda_matches_fp32_reference():
     torch.manual_seed(0)
