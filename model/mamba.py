@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from model.config import ModelConfig
 from model.mamba_mixers import Mamba1Mixer, Mamba2Mixer, MixerState, RMSNorm
 from model.partitioned_init import gathered_for_init
-from model.sampling import sample_next_token
+from model.sampling import decode
 
 
 class MambaBlock(nn.Module):
@@ -153,18 +153,8 @@ class MambaLM(nn.Module):
         eos_id keep emitting it; generation stops when all rows have.
         """
         logits, states = self.prefill(idx)
-        logits = logits[:, -1]  # (B, V)
-        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)  # (B,)
-        for step in range(max_new_tokens):
-            next_id = sample_next_token(logits.float(), temperature, top_k)  # (B, 1)
-            if eos_id is not None:
-                next_id = torch.where(finished[:, None], torch.full_like(next_id, eos_id), next_id)
-                finished |= next_id[:, 0] == eos_id
-            idx = torch.cat((idx, next_id), dim=1)  # (B, T + 1)
-            if step == max_new_tokens - 1 or finished.all():
-                break
-            logits = self.step(next_id[:, 0], states)  # (B, V)
-        return idx
+        return decode(idx, logits[:, -1], lambda next_id, _: self.step(next_id[:, 0], states),
+                      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, eos_id=eos_id)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameters, a tied matrix counted once. exclude_embeddings drops the token-embedding table (tied, that

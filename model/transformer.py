@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
 from model.partitioned_init import gathered_for_init
-from model.sampling import sample_next_token
+from model.sampling import decode
 
 
 class RotaryEmbedding(nn.Module):
@@ -233,23 +233,18 @@ class Transformer(nn.Module):
         """
         cfg = self.config
         cache = KVCache(cfg, idx.size(0), self.lm_head.weight.dtype, idx.device)
-        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)  # (B,)
-        logits = self.lm_head(self._hidden(idx[:, -cfg.max_seq_len:], cache)[:, -1])  # (B, V)
-        for step in range(max_new_tokens):
-            next_id = sample_next_token(logits.float(), temperature, top_k)  # (B, 1)
-            if eos_id is not None:
-                next_id = torch.where(finished[:, None], torch.full_like(next_id, eos_id), next_id)
-                finished |= next_id[:, 0] == eos_id
-            idx = torch.cat((idx, next_id), dim=1)  # (B, T + 1)
-            if step == max_new_tokens - 1 or finished.all():
-                break
+
+        def next_logits(next_id: Tensor, idx: Tensor) -> Tensor:
             if cache.pos < cfg.max_seq_len:
                 step_input = next_id  # (B, 1)
             else:
                 cache.pos = 0
                 step_input = idx[:, -cfg.max_seq_len:]  # (B, max_seq_len)
-            logits = self.lm_head(self._hidden(step_input, cache)[:, -1])  # (B, V)
-        return idx
+            return self.lm_head(self._hidden(step_input, cache)[:, -1])  # (B, V)
+
+        logits = self.lm_head(self._hidden(idx[:, -cfg.max_seq_len:], cache)[:, -1])  # (B, V)
+        return decode(idx, logits, next_logits, max_new_tokens=max_new_tokens, temperature=temperature,
+                      top_k=top_k, eos_id=eos_id)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameters, a tied matrix counted once. exclude_embeddings drops the token-embedding table, as in

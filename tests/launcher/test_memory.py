@@ -66,7 +66,8 @@ def test_preset_parameter_counts_match_their_published_sizes():
     counts = {name: model_sizes.count_parameters(build_run_config(preset=name).model) for name in PRESETS}
     assert counts["1b_transformer"] == 1_100_048_384
     assert counts["7b_transformer"] == 6_738_415_616
-    assert 1.2e9 < counts["1b_mamba"] < 1.4e9 and 6.5e9 < counts["7b_mamba"] < 7.5e9
+    assert counts["1b_mamba"] > 1.2e9 and counts["1b_mamba"] < 1.4e9
+    assert counts["7b_mamba"] > 6.5e9 and counts["7b_mamba"] < 7.5e9
 
 
 # ---- DeepSpeed's own estimators ----------------------------------------------------------------------------------
