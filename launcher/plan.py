@@ -35,8 +35,6 @@ class PlanError(ValueError):
         self.candidates = candidates
 
 
-
-
 @dataclass(frozen=True, kw_only=True)
 class Candidate:
     """One evaluated layout at its largest fitting micro-batch (or micro-batch 1 when none fits)."""
