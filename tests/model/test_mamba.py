@@ -25,6 +25,7 @@ from model import selective_scan as selective_scan_module, ssm_ops
 from model.ssm_ops import (causal_conv1d_fused, causal_conv1d_ref, fused_kernel, fused_ops_report, fused_ops_status,
                            reference_ops, rmsnorm_gated_fused, rmsnorm_gated_ref, selective_state_update_fused,
                            selective_state_update_ref)
+from tests.model.overfit import overfit_fixed_batch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -266,17 +267,8 @@ def test_generate_greedy_continues_with_the_forward_argmax_and_stops_at_eos():
 @pytest.mark.parametrize("ssm_type", ["mamba2", "mamba1"])
 def test_loss_falls_when_overfitting_a_fixed_batch(ssm_type):
     model = make_model(ssm_type)
-    pattern = torch.tensor([3, 14, 15, 9, 26, 5, 35, 8]).repeat(5)  # (40,)
-    batch = torch.stack([pattern[i:i + 33] for i in range(4)])  # (4, 33)
-    idx, targets = batch[:, :-1], batch[:, 1:]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    initial = model(idx, targets)[1].item()
-    for _ in range(30):
-        _, loss = model(idx, targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert model(idx, targets)[1].item() < 0.5 * initial
+    initial, final = overfit_fixed_batch(model, steps=30)
+    assert final < 0.5 * initial
 
 
 # Losses of six AdamW steps of the fixed-seed tiny models below, recorded when the family was written. A change that

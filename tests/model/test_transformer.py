@@ -11,6 +11,7 @@ import model.transformer as transformer_module
 from model import ModelConfig, create_model
 from model.transformer import (CausalSelfAttention, KVCache, Transformer, grouped_query_attention,
                                reference_attention)
+from tests.model.overfit import overfit_fixed_batch
 
 
 def small_config(**overrides) -> ModelConfig:
@@ -51,17 +52,8 @@ def test_initial_loss_is_near_uniform():
 
 def test_loss_falls_when_overfitting_a_fixed_batch():
     model = make_model()
-    pattern = torch.tensor([3, 14, 15, 9, 26, 5, 35, 8]).repeat(5)  # (40,)
-    batch = torch.stack([pattern[i:i + 33] for i in range(4)])  # (4, 33)
-    idx, targets = batch[:, :-1], batch[:, 1:]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    initial = model(idx, targets)[1].item()
-    for _ in range(40):
-        _, loss = model(idx, targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert model(idx, targets)[1].item() < 0.5 * initial
+    initial, final = overfit_fixed_batch(model, steps=40)
+    assert final < 0.5 * initial
 
 
 def test_changing_a_token_changes_only_later_logits():
