@@ -17,6 +17,8 @@ from types import TracebackType
 
 import numpy as np
 
+from data.errors import DataError
+
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 # Megatron's DType codes; only the two a tokenizer needs are written, the others are read.
@@ -131,7 +133,7 @@ class TokenShardWriter:
             self.finalize()
 
 
-class CorruptShardError(ValueError):
+class CorruptShardError(DataError):
     """A shard's .idx is malformed or does not match its .bin."""
 
 
