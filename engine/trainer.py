@@ -21,6 +21,8 @@ from engine import distributed
 from engine.checkpoint import CheckpointManager
 from engine.config import TrainingConfig
 from engine.metrics import MetricsLogger, peak_memory_bytes
+from engine.param_groups import param_groups
+from engine.schedule import warmup_cosine_scheduler
 from model import ModelConfig, create_model
 
 # Primes that decorrelate the per-step RNG seeds of different runs, steps and ranks.
@@ -43,13 +45,6 @@ class TrainResult:
     """The original-format fp32 weights with the lowest validation loss."""
     tokens_per_s: float
     """Mean training throughput of this process's run, in tokens per second over all ranks."""
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay matrices (and embeddings), not norms, biases or SSM scalars (ndim < 2)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class Trainer:
@@ -95,7 +90,10 @@ class Trainer:
             model = create_model(self.model_config.model_type, self.model_config)
         model.gradient_checkpointing = bool(self.training.activation_checkpointing is True)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, self.training.weight_decay), config=self.ds_config)
+            model=model, model_parameters=param_groups(model, self.training.weight_decay), config=self.ds_config,
+            lr_scheduler=warmup_cosine_scheduler(warmup_steps=self.training.warmup_steps,
+                                                 max_steps=self.training.max_steps,
+                                                 min_lr_ratio=self.training.min_lr_ratio))
         self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
         self.grad_accum = self.engine.gradient_accumulation_steps()
         self.world_size = distributed.world_size()
@@ -159,6 +157,7 @@ class Trainer:
         self.engine.train()
         # Seeding by (seed, step, rank) makes dropout masks independent of where a run was resumed.
         torch.manual_seed(self.training.seed * _STEP_SEED_PRIME + self.step * _RANK_SEED_PRIME + distributed.rank())
+        lr = self.engine.get_lr()[0]  # the lr this step's update uses (the scheduler advances inside it)
         started = time.perf_counter()
         total = 0.0
         for micro_step in range(self.grad_accum):
@@ -166,7 +165,7 @@ class Trainer:
         elapsed = time.perf_counter() - started
         grad_norm = self.engine.get_global_grad_norm()
         loss = distributed.all_reduce_mean(total / self.grad_accum, self.engine.device)
-        return {"loss": loss, "lr": self.engine.get_lr()[0],
+        return {"loss": loss, "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
                 "tokens_per_s": self.tokens_per_step / elapsed, "peak_memory_gb": peak_memory_bytes() / 2**30}
 
@@ -207,6 +206,11 @@ class Trainer:
     def _client_state(self) -> dict[str, Any]:
         return {"step": self.step, "best_val_loss": self.best_val_loss}
 
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt as the model saw text in training: after a document boundary. The shards hold each document
+        followed by eos and never a bos (data/prepare.py), so generation starts from eos, not bos."""
+        return [self.tokenizer.eos_id, *self.tokenizer.encode(prompt)]
+
     def sample_text(self, checkpoint_path: str | Path, prompt: str, *, max_new_tokens: int,
                     temperature: float = 0.8, top_k: int = 50) -> str:
         """Generate from a saved `.pt` with the original project's load snippet (rank 0 only)."""
@@ -215,8 +219,7 @@ class Trainer:
         model = create_model(config.model_type, config)
         model.load_state_dict(ckpt["model_state_dict"])
         model.to(self.engine.device).eval()
-        ids = [self.tokenizer.bos_id] + self.tokenizer.encode(prompt) if self.tokenizer.bos_id >= 0 else \
-            self.tokenizer.encode(prompt)
+        ids = self.prompt_ids(prompt)
         idx = torch.tensor([ids], dtype=torch.long, device=self.engine.device)
         torch.manual_seed(self.training.seed)
         out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k)
