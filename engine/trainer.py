@@ -20,6 +20,7 @@ from data import DataConfig, PreparedData, TokenShardReader, TokenWindows, Token
 from engine import distributed
 from engine.checkpoint import CheckpointManager
 from engine.config import TrainingConfig
+from engine.errors import CheckpointError
 from engine.metrics import MetricsLogger, peak_memory_bytes
 from engine.param_groups import param_groups
 from engine.schedule import warmup_cosine_scheduler
@@ -102,6 +103,7 @@ class Trainer:
         if self.training.resume:
             state = self.checkpoints.load_latest(self.engine)
             if state is not None:
+                self._check_global_batch(state)
                 self.step = int(state["step"])
                 self.best_val_loss = float(state.get("best_val_loss", math.inf))
 
@@ -204,7 +206,18 @@ class Trainer:
         return val_loss
 
     def _client_state(self) -> dict[str, Any]:
-        return {"step": self.step, "best_val_loss": self.best_val_loss}
+        return {"step": self.step, "best_val_loss": self.best_val_loss,
+                "global_batch": self.micro_batch * self.grad_accum * self.world_size}
+
+    def _check_global_batch(self, state: dict[str, Any]) -> None:
+        """The sampler reads windows by global position step x global batch: another global batch would skip or
+        repeat data (the launcher re-plans the split to keep it; this guards direct use of the Trainer)."""
+        saved, now = state.get("global_batch"), self.micro_batch * self.grad_accum * self.world_size
+        if saved is not None and int(saved) != now:
+            raise CheckpointError(
+                f"{self.training.checkpoint_dir}: the checkpoint was trained with a global batch of {saved} "
+                f"sequences, this run has {now} (micro-batch {self.micro_batch} x accumulation {self.grad_accum} x "
+                f"{self.world_size} ranks): choose a split with the same product, or set training.resume=false")
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """The prompt as the model saw text in training: after a document boundary. The shards hold each document

@@ -153,12 +153,14 @@ def code_version() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def main(argv: list[str] | None = None, *, entry_script: str | None = None) -> int:
+def main(argv: list[str] | None = None, *, entry_script: str | None = None, trainer_class: type | None = None) -> int:
     """Run the command line `argv` (default sys.argv[1:]); returns the exit code.
 
     entry_script: the script each rank runs when this command starts the ranks itself (default launcher/run.py).
     A script that extends the launcher before calling main() (registers a model family, wraps the Trainer) passes
     its own path, so that its ranks run it too.
+    trainer_class: a subclass of engine.trainer.Trainer to train with (default Trainer); see
+    examples/custom_family.py.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None, *, entry_script: str | None = None) -> i
         print(f"ds_config written to {ds_config_path}")
         return 0
     put_venv_tools_on_path()
-    return train(run, plan, ds_config, args, world_size)
+    return train(run, plan, ds_config, args, world_size, trainer_class=trainer_class)
 
 
 def local_ranks(default: int) -> int:
@@ -235,7 +237,9 @@ def make_plan(run: RunConfig, args: argparse.Namespace, world_size: int, run_nam
     """
     from launcher.hardware import (HardwareError, agree_across_ranks, detect_gpus, detect_gpus_in_subprocess,
                                    memory_budget, parse_memory_size)
+    from engine.errors import CheckpointError
     from launcher.plan import PlanError, choose_plan
+    from launcher.resume import find_resume_point, plan_resumed_run
     from launcher.report import render_candidates, render_plan
 
     rank = int(os.environ.get("RANK", 0))
@@ -254,13 +258,15 @@ def make_plan(run: RunConfig, args: argparse.Namespace, world_size: int, run_nam
 
             init_distributed()
             budget = agree_across_ranks(budget)
-        plan = choose_plan(run.model, run.training, world_size, budget)
+        resume_point = find_resume_point(run)
+        plan = (plan_resumed_run(run, resume_point, world_size, budget, report=rank == 0) if resume_point else
+                choose_plan(run.model, run.training, world_size, budget))
     except PlanError as err:
         if rank == 0:
             print(render_candidates(err.candidates), file=sys.stderr)
             print(f"error: {err}", file=sys.stderr)
         return None
-    except (HardwareError, ValueError) as err:
+    except (HardwareError, ValueError, CheckpointError) as err:
         if rank == 0:
             print(f"error: {err}", file=sys.stderr)
         return None
@@ -285,7 +291,8 @@ def own_gpu(ranks_per_node: int):
     return [GpuInfo(index=i, name=name, free_bytes=free, total_bytes=total) for i in range(ranks_per_node)]
 
 
-def train(run: RunConfig, plan, ds_config: dict, args: argparse.Namespace, world_size: int) -> int:
+def train(run: RunConfig, plan, ds_config: dict, args: argparse.Namespace, world_size: int, *,
+          trainer_class: type | None = None) -> int:
     if not launched_by_deepspeed():  # one process on its own: give DeepSpeed the environment a launcher would
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(args.master_port or free_port())})
@@ -309,8 +316,8 @@ def train(run: RunConfig, plan, ds_config: dict, args: argparse.Namespace, world
               f" on {world_size} {os.environ.get('DS_ACCELERATOR', 'cpu')} rank(s), ZeRO-{plan.zero_stage}, "
               f"micro-batch {plan.micro_batch} x accumulation {plan.grad_accum}, {run.training.max_steps} steps, "
               f"{run.training.precision}; checkpoints in {run.training.checkpoint_dir}", flush=True)
-    trainer = Trainer(model_config=run.model, training=training, data=run.data, ds_config=ds_config,
-                      run_record=run_record, local_rank=local_rank)
+    trainer = (trainer_class or Trainer)(model_config=run.model, training=training, data=run.data,
+                                         ds_config=ds_config, run_record=run_record, local_rank=local_rank)
     try:
         result = trainer.train()
     except BaseException as err:
