@@ -279,8 +279,9 @@ class MemoryEstimate:
     cpu_total: int
     """Host RAM of this rank: process overhead, the model as built before DeepSpeed takes it, offloaded states."""
     export_host: int
-    """Host RAM rank 0 adds while it writes final_model.pt / best_model.pt: the full fp32 weights, 4 bytes per
-    parameter (engine/checkpoint.py gathers them on rank 0 only; the other ranks hold one tensor at a time)."""
+    """Host RAM of the node with rank 0 while it writes final_model.pt / best_model.pt: every local rank's process
+    and offloaded states, plus the full fp32 weights, 4 bytes per parameter, that rank 0 gathers
+    (engine/checkpoint.py: the other ranks hold one tensor at a time; the model as first built is gone by then)."""
     model_states: ModelStateBytes
     """The model-state detail the GPU components come from."""
     num_params: int
@@ -300,8 +301,8 @@ class MemoryEstimate:
 
     @property
     def node_host_total(self) -> int:
-        """Host RAM of the node with rank 0: every local rank's cpu_total plus the export copy."""
-        return self.layout.local_ranks * self.cpu_total + self.export_host
+        """Peak host RAM of the node with rank 0: at start (every local rank's cpu_total) or at an export."""
+        return max(self.layout.local_ranks * self.cpu_total, self.export_host)
 
 
 def activation_bytes(model: ModelConfig, layout: Layout) -> int:
@@ -343,6 +344,7 @@ def estimate_memory(model: ModelConfig, layout: Layout) -> MemoryEstimate:
     # deepspeed.zero.Init, which partitions each layer as it is created (DeepSpeed's zero_init estimate: 4 x largest).
     built = (stats.largest_tensor if zero3 else stats.total) * 4
     cpu = CPU_PROCESS_BYTES + int(max(built, states.cpu) * (CPU_BUFFER_FACTOR if states.cpu else 1))
+    at_export = layout.local_ranks * (CPU_PROCESS_BYTES + int(states.cpu * CPU_BUFFER_FACTOR)) + 4 * stats.total
     return MemoryEstimate(**parts, fragmentation=int(allocated * FRAGMENTATION_FRACTION),
                           cuda_context=CUDA_CONTEXT_BYTES if layout.on_cuda else 0, peak_moment=moment,
-                          cpu_total=cpu, export_host=4 * stats.total, model_states=states, num_params=stats.total, layout=layout)
+                          cpu_total=cpu, export_host=at_export, model_states=states, num_params=stats.total, layout=layout)

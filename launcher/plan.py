@@ -271,5 +271,7 @@ def _need(estimate: MemoryEstimate, budget: MemoryBudget) -> int:
     """The figure that must fit: GPU memory per rank, or for CPU ranks the host RAM of all of them."""
     if budget.on_cuda:
         return estimate.gpu_total
-    return (budget.ranks_per_node * (estimate.allocated + estimate.fragmentation + estimate.cpu_total)
-            + estimate.export_host)
+    at_start = budget.ranks_per_node * (estimate.allocated + estimate.fragmentation + estimate.cpu_total)
+    # CPU ranks: at an export the device memory (host RAM too) still holds the weights and optimizer states.
+    at_export = budget.ranks_per_node * (estimate.allocated + estimate.fragmentation) + estimate.export_host
+    return max(at_start, at_export)

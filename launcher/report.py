@@ -67,6 +67,6 @@ def render_plan(plan: Plan, model: ModelConfig, training: TrainingConfig, *, nam
         lines.append(f"Predicted per rank: {_gib(memory.gpu_total)} GiB {device} "
                      f"({_gib(memory.allocated)} GiB allocated at the {memory.peak_moment} peak, as "
                      f"torch.cuda.max_memory_allocated counts), host RAM {_gib(memory.cpu_total)} GiB "
-                     f"(+{_gib(memory.export_host)} GiB on rank 0 while it writes final_model.pt)")
+                     f"(node with rank 0 while it writes final_model.pt: {_gib(memory.export_host)} GiB)")
     lines.append(f"Why: {plan.reason}")
     return "\n".join(lines)

@@ -45,10 +45,17 @@ def test_training_lowers_loss_under_every_zero_stage(tmp_path, data_cache, proce
     assert trainer.engine.zero_optimization_stage() == zero_stage
     initial = trainer.evaluate()
     assert abs(initial - math.log(8192)) < 0.5  # an untrained model is near-uniform over the vocabulary
+    seen = []  # (step, validation loss) of every evaluation the loop runs
+    evaluate = trainer.evaluate
+    trainer.evaluate = lambda: (seen.append((trainer.step, evaluate())), seen[-1][1])[1]
     result = trainer.train()
     assert result.final_step == 12
     assert result.final_val_loss < initial - 0.5
-    assert result.best_val_loss <= result.final_val_loss
+    assert [step for step, _ in seen] == [3, 6, 9, 12]  # eval_interval=3 and the end
+    best_step, best_loss = min(seen, key=lambda item: item[1])
+    assert result.best_val_loss == best_loss and result.final_val_loss == seen[-1][1]
+    best = torch.load(result.best_model_path, weights_only=True)
+    assert (best["step"], best["val_loss"]) == (best_step, best_loss)
 
 
 def test_checkpoints_are_self_describing_and_pruned(tmp_path, data_cache, process_group):
@@ -81,21 +88,25 @@ def make_crashing_trainer(tmp_path, data_cache, **kwargs):
     return trainer
 
 
-@pytest.mark.parametrize("preset, zero_stage", [("tiny", 0), ("tiny", 2), ("tiny", 3), ("tiny_mamba", 2),
-                                                ("tiny_mamba", 3)])
-def test_resume_continues_exactly(tmp_path, data_cache, process_group, preset, zero_stage):
-    straight = make_trainer(tmp_path / "a", data_cache, zero_stage=zero_stage, max_steps=7, preset=preset)
+@pytest.mark.parametrize("preset, zero_stage, extra", [
+    ("tiny", 0, ()), ("tiny", 2, ()), ("tiny", 3, ()), ("tiny_mamba", 2, ()), ("tiny_mamba", 3, ()),
+    ("tiny", 2, ("model.dropout=0.2",)),  # dropout masks depend on (seed, step, rank), not on where a run resumed
+    ("tiny", 2, ("training.activation_checkpointing=true",))])
+def test_resume_continues_exactly(tmp_path, data_cache, process_group, preset, zero_stage, extra):
+    straight = make_trainer(tmp_path / "a", data_cache, zero_stage=zero_stage, max_steps=7, preset=preset,
+                            extra=extra)
     assert straight.model_config.model_type == build_run_config(preset=preset).model_type
     result = straight.train()
     assert result.final_val_loss < math.log(8192) - 0.1  # below a uniform guess: it learned something
     expected = params_of(straight)
 
     interrupted = make_crashing_trainer(tmp_path / "b", data_cache, zero_stage=zero_stage, max_steps=7,
-                                        preset=preset)
+                                        preset=preset, extra=extra)
     with pytest.raises(KeyboardInterrupt):
         interrupted.train()
     assert latest_tag(tmp_path / "b" / "ckpt") == "checkpoint_step_3"  # steps 4-5 were lost with the crash
-    resumed = make_trainer(tmp_path / "b", data_cache, zero_stage=zero_stage, max_steps=7, preset=preset)
+    resumed = make_trainer(tmp_path / "b", data_cache, zero_stage=zero_stage, max_steps=7, preset=preset,
+                           extra=extra)
     resumed.setup()
     assert resumed.step == 3
     resumed.train()
@@ -129,3 +140,37 @@ def test_final_model_loads_with_the_original_snippet(tmp_path, data_cache, proce
     assert logits.shape == (1, 8, model_config.vocab_size)
     text = trainer.sample_text(result.final_model_path, "ROMEO:", max_new_tokens=5)
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
+
+
+def test_resume_false_starts_over(tmp_path, data_cache, process_group):
+    first = make_trainer(tmp_path, data_cache, zero_stage=2, max_steps=3)
+    first.train()
+    trained = params_of(first)
+    fresh = make_trainer(tmp_path, data_cache, zero_stage=2, max_steps=3, extra=["training.resume=false"])
+    fresh.setup()
+    assert fresh.step == 0 and math.isinf(fresh.best_val_loss)
+    torch.manual_seed(fresh.training.seed)  # the initialisation a new run starts from
+    initial = create_model(fresh.model_config.model_type, fresh.model_config).state_dict()
+    now = params_of(fresh)
+    for name, tensor in initial.items():
+        torch.testing.assert_close(now[name], tensor, rtol=0, atol=0)
+    assert any(not torch.equal(trained[name], now[name]) for name in initial)
+
+
+def test_activation_checkpointing_through_the_engine_recomputes_and_matches(tmp_path, data_cache, process_group):
+    """The same steps with and without recomputation: equal losses, and the blocks really run twice."""
+    results = {}
+    for checkpointing in (False, True):
+        trainer = make_trainer(tmp_path / str(checkpointing), data_cache, zero_stage=2, max_steps=2,
+                               extra=[f"training.activation_checkpointing={str(checkpointing).lower()}"])
+        trainer.setup()
+        assert trainer.engine.module.gradient_checkpointing is checkpointing
+        calls = []
+        block = trainer.engine.module.layers[0]
+        hook = block.register_forward_hook(lambda *_: calls.append(1))
+        losses = [trainer.train_step()["loss"] for _ in range(2)]
+        hook.remove()
+        results[checkpointing] = (losses, len(calls))
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
+    micro_steps = 2 * 2  # 2 steps x accumulation 2
+    assert results[False][1] == micro_steps and results[True][1] == 2 * micro_steps  # forward again in backward

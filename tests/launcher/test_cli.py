@@ -108,3 +108,14 @@ def test_the_venvs_ninja_is_found_without_an_activated_venv(tmp_path, monkeypatc
     monkeypatch.setenv("PATH", str(tmp_path))  # a machine without a system ninja
     put_venv_tools_on_path()
     assert shutil.which("ninja") == str(venv_ninja)
+
+
+def test_hostfile_multiplies_the_ranks_per_node(tmp_path):
+    """A DeepSpeed hostfile ('host slots=N', comments and blank lines ignored): num_gpus ranks on each host."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two nodes\nnode-a slots=2\n\nnode-b slots=2  # second\n")
+    result = run_cli(["--preset", "tiny", "--num_gpus", "2", "--hostfile", str(hostfile), "--dry_run",
+                      "--gpu_memory", "24GB"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "world size 4" in result.stdout
+    assert "4 rank(s)" in result.stdout  # the memory plan is made for all of them

@@ -139,3 +139,13 @@ def test_ds_config_follows_the_training_section():
     assert "torch_adam" not in ds["optimizer"]["params"]  # offload needs DeepSpeedCPUAdam
     plain = build_run_config(preset="tiny", overrides=["training.zero_stage=1"])
     assert build_ds_config(plain, choose_plan(plain.model, plain.training, 1))["optimizer"]["params"]["torch_adam"]
+
+
+def test_a_mamba_section_is_validated_as_mamba():
+    # d_model 250 is not divisible by the Transformer's default n_heads (4): irrelevant to a Mamba model.
+    run = build_run_config(preset="tiny_mamba", overrides=["model.ssm_type=mamba1", "model.d_model=250"])
+    assert (run.model_type, run.model.model_type, run.model.d_model) == ("mamba", "mamba", 250)
+    from_yaml_family = build_run_config(overrides=["model_type=mamba", "model.ssm_type=mamba1", "model.d_model=250"])
+    assert from_yaml_family.model.model_type == "mamba"
+    with pytest.raises(ConfigError, match="divisible by model.n_heads"):  # the Transformer check still applies
+        build_run_config(preset="tiny", overrides=["model.d_model=250"])
