@@ -42,6 +42,11 @@ def render_candidates(candidates: tuple[Candidate, ...], chosen: Candidate | Non
     return "\n".join(line.rstrip() for line in lines)
 
 
+def _count(num_params: int) -> str:
+    """1.10B, 48.51M: the figure README.md's preset table quotes."""
+    return f"{num_params / 1e9:.2f}B" if num_params >= 1e9 else f"{num_params / 1e6:.2f}M"
+
+
 def _budget_line(budget: MemoryBudget) -> str:
     return f"Planned against: {budget.source}; safety margin {SAFETY_MARGIN:.0%} of each."
 
@@ -50,7 +55,7 @@ def render_plan(plan: Plan, model: ModelConfig, training: TrainingConfig, *, nam
     """The full dry-run report: context, the candidate table, the chosen plan and why."""
     memory = plan.memory
     num_params = memory.num_params if memory is not None else 0
-    title = (f"Memory plan{' for ' + name if name else ''}: {model.model_type}, {num_params / 1e9:.2f}B parameters, "
+    title = (f"Memory plan{' for ' + name if name else ''}: {model.model_type}, {_count(num_params)} parameters, "
              f"{training.precision}, sequence {model.max_seq_len}, {plan.world_size} rank(s)")
     chosen = next((c for c in plan.candidates if c.fits and c.zero_stage == plan.zero_stage
                    and c.offload == plan.offload and c.activation_checkpointing == plan.activation_checkpointing),

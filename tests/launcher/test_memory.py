@@ -302,3 +302,19 @@ def test_invalid_layouts_are_refused():
         Layout(world_size=2, zero_stage=2, offload="optimizer+params")
     with pytest.raises(ValueError, match="stage 1-3"):
         Layout(world_size=2, zero_stage=0, offload="optimizer")
+
+
+def test_host_plan_counts_the_fp32_copy_rank_0_gathers_at_export():
+    """final_model.pt / best_model.pt: rank 0 gathers the full fp32 weights (4 bytes per parameter) while every
+    rank still holds its offloaded states; the other ranks hold no copy."""
+    run = build_run_config(preset="7b_transformer")
+    params = model_sizes.count_parameters(run.model)
+    layout = Layout(world_size=4, zero_stage=2, offload="optimizer", precision="bf16", micro_batch=1, seq_len=4096,
+                    activation_checkpointing=True)
+    estimate = estimate_memory(run.model, layout)
+    offloaded = estimate.model_states.cpu
+    assert estimate.node_host_total >= 4 * offloaded + 4 * params  # all ranks' states + one fp32 model
+    assert estimate.node_host_total < 4 * (estimate.cpu_total + 4 * params)  # not one fp32 model per rank
+    plain = estimate_memory(run.model, Layout(world_size=4, zero_stage=2, precision="bf16", micro_batch=1,
+                                              seq_len=4096))
+    assert plain.node_host_total >= 4 * params  # nothing offloaded: the export copy is still host RAM
