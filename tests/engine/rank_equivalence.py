@@ -59,6 +59,12 @@ def train_and_save(data_cache: str, out_dir: Path, micro_batch: int, accum: int,
         samples.append(sorted(i for rank_read in everyone for i in rank_read))
         trainer.step += 1
     weights = gather_fp32_state_dict(trainer.engine.module)  # a collective under ZeRO-3
+    # What the exports use: the same collectives, but only rank 0 keeps a copy.
+    exported = gather_fp32_state_dict(trainer.engine.module, trainer.engine.optimizer, main_process_only=True)
+    if distributed.is_main_process():
+        assert exported.keys() == weights.keys() and all(torch.equal(exported[k], weights[k]) for k in weights)
+    else:
+        assert exported == {}, "a rank other than 0 kept a copy of the weights"
     path = out_dir / f"{tag}.pt"
     if distributed.is_main_process():
         torch.save({"weights": weights, "losses": losses, "grad_norms": grad_norms, "samples": samples},
