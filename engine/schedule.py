@@ -52,8 +52,8 @@ class WarmupCosine:
                          min_lr_ratio=self.min_lr_ratio)
 
 
-def warmup_cosine_scheduler(*, warmup_steps: int, max_steps: int,
-                            min_lr_ratio: float) -> Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LambdaLR]:
+def warmup_cosine_scheduler(*, warmup_steps: int, max_steps: int, min_lr_ratio: float
+                            ) -> Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LambdaLR]:
     """What deepspeed.initialize(lr_scheduler=...) takes: a callable from the optimizer to the scheduler."""
     multiplier = WarmupCosine(warmup_steps=warmup_steps, max_steps=max_steps, min_lr_ratio=min_lr_ratio)
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)

@@ -71,8 +71,8 @@ class CountingTrainer(Trainer):
 
 
 if "residual_mlp" not in list_models():
-    register_model("residual_mlp", ModelEntry(target=f"{__name__}:ResidualMLP",
-                                              description="example: residual MLP per token (examples/custom_family.py)"))
+    register_model("residual_mlp", ModelEntry(
+        target=f"{__name__}:ResidualMLP", description="example: residual MLP per token (examples/custom_family.py)"))
 
 if __name__ == "__main__":
     sys.exit(main(trainer_class=CountingTrainer, entry_script=__file__))

@@ -347,4 +347,5 @@ def estimate_memory(model: ModelConfig, layout: Layout) -> MemoryEstimate:
     at_export = layout.local_ranks * (CPU_PROCESS_BYTES + int(states.cpu * CPU_BUFFER_FACTOR)) + 4 * stats.total
     return MemoryEstimate(**parts, fragmentation=int(allocated * FRAGMENTATION_FRACTION),
                           cuda_context=CUDA_CONTEXT_BYTES if layout.on_cuda else 0, peak_moment=moment,
-                          cpu_total=cpu, export_host=at_export, model_states=states, num_params=stats.total, layout=layout)
+                          cpu_total=cpu, export_host=at_export, model_states=states, num_params=stats.total,
+                          layout=layout)

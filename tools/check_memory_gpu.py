@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.distributed import init_distributed, teardown_distributed
 
     init_distributed()
-    budget = memory_budget(1)
+    budget = memory_budget(1, ssm_type="mamba2")  # the Mamba preset measured here (1b_mamba) is Mamba-2
     print(f"GPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; {budget.source}", flush=True)
     results, failures = [], []
     for case in build_cases(budget):
