@@ -15,12 +15,16 @@ import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from data import DataConfig, PreparedData, TokenShardReader, TokenWindows, Tokenizer, eval_indices, \
-    prepare_data, sample_indices
+from data import DataConfig, PreparedData, TokenWindows, Tokenizer, eval_indices, prepare_data, sample_indices
+from data.errors import DataError
+from data.shard_checks import open_checked_shard
 from engine import distributed
 from engine.checkpoint import CheckpointManager
+from engine.numerics import check_finite_step
+from engine.signals import StopController
 from engine.config import TrainingConfig
 from engine.errors import CheckpointError
+from engine.faults import kill_point
 from engine.metrics import MetricsLogger, peak_memory_bytes
 from engine.param_groups import param_groups
 from engine.schedule import warmup_cosine_scheduler
@@ -46,6 +50,8 @@ class TrainResult:
     """The original-format fp32 weights with the lowest validation loss."""
     tokens_per_s: float
     """Mean training throughput of this process's run, in tokens per second over all ranks."""
+    stop_reason: str | None = None
+    """Why the run stopped before max_steps with a checkpoint (a signal, the time limit), or None."""
 
 
 class Trainer:
@@ -69,16 +75,18 @@ class Trainer:
     def setup(self) -> None:
         """Join the process group, prepare data, build the model and the engine, resume if possible."""
         distributed.init_distributed()
+        self.checkpoints.prepare(resume=self.training.resume)
         self.prepared = self._prepare_data()
         self.tokenizer = Tokenizer(self.prepared.tokenizer_path)
         if self.tokenizer.vocab_size > self.model_config.vocab_size:
-            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
-                             f"{self.model_config.vocab_size}")
+            raise DataError(f"the tokenizer {self.prepared.tokenizer_path} has {self.tokenizer.vocab_size} tokens "
+                            f"but model.vocab_size is {self.model_config.vocab_size}: set model.vocab_size to "
+                            f"{self.tokenizer.vocab_size} or use a tokenizer of that size")
         seq_len = self.model_config.max_seq_len
-        self.train_windows = TokenWindows(TokenShardReader(self.prepared.train_prefix).tokens, seq_len,
-                                          seed=self.training.seed)
-        self.val_windows = TokenWindows(TokenShardReader(self.prepared.val_prefix).tokens, seq_len,
-                                        seed=self.training.seed, shuffle=False)
+        shards = [open_checked_shard(prefix, vocab_size=self.model_config.vocab_size, min_tokens=seq_len + 1)
+                  for prefix in (self.prepared.train_prefix, self.prepared.val_prefix)]
+        self.train_windows = TokenWindows(shards[0].tokens, seq_len, seed=self.training.seed)
+        self.val_windows = TokenWindows(shards[1].tokens, seq_len, seed=self.training.seed, shuffle=False)
 
         if get_accelerator().device_name() == "cpu":
             # Decaying SSM states and small gradients underflow into denormals, which x86 handles ~100x slower;
@@ -130,16 +138,24 @@ class Trainer:
             logger.write(f"resumed from {cfg.checkpoint_dir}/checkpoint_step_{self.step} at step {self.step}")
         val_loss, saved_step, start_step = math.nan, -1, self.step
         start = time.perf_counter()
+        stopper = StopController(max_runtime_s=cfg.max_runtime_s)
+        stopper.install()
         try:
             while self.step < cfg.max_steps:
                 metrics = self.train_step()
                 self.step += 1
+                check_finite_step(self.step, metrics, cfg, fp16=cfg.fp16)
                 logger.log_step(self.step, metrics, write=self.step % cfg.log_interval == 0)
+                kill_point("train.step_done")
                 if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
                     val_loss = self._evaluate_and_track(logger)
                 if self.step % cfg.save_interval == 0 or self.step == cfg.max_steps:
                     self.checkpoints.save(self.engine, self.step, self._client_state())
                     saved_step = self.step
+                if self.step < cfg.max_steps and (reason := stopper.agreed_stop(self.engine.device)):
+                    if saved_step != self.step:
+                        self.checkpoints.save(self.engine, self.step, self._client_state())
+                    return self._stopped(reason, start_step, start)
             if math.isnan(val_loss):  # resumed at the end: nothing ran, measure the final weights anyway
                 val_loss = self._evaluate_and_track(logger)
             if saved_step != self.step:
@@ -148,11 +164,21 @@ class Trainer:
                 self.engine, "final_model.pt", model_config=self.model_config.model_dump(),
                 extra={"step": self.step, "val_loss": val_loss})
         finally:
+            stopper.uninstall()
             logger.close()
         elapsed = time.perf_counter() - start
         return TrainResult(final_step=self.step, final_val_loss=val_loss, best_val_loss=self.best_val_loss,
                            final_model_path=final_path, best_model_path=Path(cfg.checkpoint_dir) / "best_model.pt",
                            tokens_per_s=(self.step - start_step) * self.tokens_per_step / max(elapsed, 1e-9))
+
+    def _stopped(self, reason: str, start_step: int, start: float) -> TrainResult:
+        cfg = self.training
+        elapsed = time.perf_counter() - start
+        return TrainResult(final_step=self.step, final_val_loss=math.nan, best_val_loss=self.best_val_loss,
+                           final_model_path=Path(cfg.checkpoint_dir) / "final_model.pt",
+                           best_model_path=Path(cfg.checkpoint_dir) / "best_model.pt",
+                           tokens_per_s=(self.step - start_step) * self.tokens_per_step / max(elapsed, 1e-9),
+                           stop_reason=reason)
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over grad_accum micro-batches; returns the step's metrics."""

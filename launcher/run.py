@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--master_port", type=int, help="rendezvous port when this command starts the ranks")
     parser.add_argument("--hostfile", help="DeepSpeed hostfile ('host slots=N' lines) for a multi-node job; passed "
                                            "to the DeepSpeed launcher")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     # The DeepSpeed launcher passes --local_rank=N to every rank.
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -137,7 +138,9 @@ def start_ranks(args: argparse.Namespace, argv: list[str], num_gpus: int, entry_
     if env.get("DS_ACCELERATOR", "cpu") == "cpu" and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // num_gpus))
     print(f"starting {num_gpus} ranks: {' '.join(command)}", flush=True)
-    return subprocess.call(command, env=env)
+    from launcher.exit_codes import run_forwarding_signals
+
+    return run_forwarding_signals(command, env=env)
 
 
 def code_version() -> dict[str, str]:
@@ -154,7 +157,21 @@ def code_version() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None, *, entry_script: str | None = None, trainer_class: type | None = None) -> int:
-    """Run the command line `argv` (default sys.argv[1:]); returns the exit code.
+    """Run the command line `argv` (default sys.argv[1:]); returns the exit code (see launcher/exit_codes.py).
+
+    A problem the user can fix ends with one `error: ...` line and exit code 2 (3 for NaN/inf), no traceback
+    unless --debug is given.
+    """
+    from launcher.exit_codes import report_errors
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with report_errors(debug="--debug" in argv) as outcome:
+        outcome.code = run_command(argv, entry_script=entry_script, trainer_class=trainer_class)
+    return outcome.code
+
+
+def run_command(argv: list[str], *, entry_script: str | None = None, trainer_class: type | None = None) -> int:
+    """Run the command line `argv`; returns the exit code.
 
     entry_script: the script each rank runs when this command starts the ranks itself (default launcher/run.py).
     A script that extends the launcher before calling main() (registers a model family, wraps the Trainer) passes
@@ -162,7 +179,6 @@ def main(argv: list[str] | None = None, *, entry_script: str | None = None, trai
     trainer_class: a subclass of engine.trainer.Trainer to train with (default Trainer); see
     examples/custom_family.py.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.list_presets or args.list_models or args.list_datasets:
         for wanted, show in ((args.list_presets, print_presets), (args.list_models, print_models),
@@ -299,6 +315,7 @@ def train(run: RunConfig, plan, ds_config: dict, args: argparse.Namespace, world
     from data.statistics import unigram_cross_entropy
     from engine.distributed import is_main_process, teardown_distributed
     from engine.trainer import Trainer
+    from launcher.exit_codes import is_user_error, report_stop
 
     training = run.training.model_copy(update={
         "batch_size": plan.micro_batch, "gradient_accumulation_steps": plan.grad_accum,
@@ -321,10 +338,12 @@ def train(run: RunConfig, plan, ds_config: dict, args: argparse.Namespace, world
     try:
         result = trainer.train()
     except BaseException as err:
-        if world_size > 1:  # every rank writes to the same terminal: say which one failed, before its traceback
+        if world_size > 1 and not is_user_error(err):  # every rank writes to the same terminal: say which one failed, before its traceback
             print(f"error: rank {os.environ.get('RANK', '?')} of {world_size} failed at step {trainer.step}: "
                   f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
         raise
+    if result.stop_reason is not None:
+        return report_stop(result, run.training.checkpoint_dir)
     if is_main_process():
         baseline = unigram_cross_entropy(trainer.prepared)
         print(f"\nfinished {result.final_step} steps, {result.tokens_per_s:,.0f} tokens/s")
