@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.checkpoint import latest_tag
+from engine.checkpoint_commit import MANIFEST, damage_of, list_checkpoint_tags
 from engine.errors import CheckpointError
 from launcher.config import ConfigError, RunConfig
 
@@ -48,7 +48,7 @@ class ResumePoint:
     """The checkpoint a launch will resume from, as its folder describes it."""
 
     folder: Path
-    """The `checkpoint_step_N` folder `latest` names."""
+    """The newest intact `checkpoint_step_N` folder (the one the trainer loads)."""
     run_config: dict[str, Any]
     """Its resolved run config (run_config.json)."""
     global_batch: int
@@ -59,11 +59,9 @@ def find_resume_point(run: RunConfig) -> ResumePoint | None:
     """The checkpoint this launch resumes from, or None (resume: false, or no checkpoint yet)."""
     if not run.training.resume:
         return None
-    root = Path(run.training.checkpoint_dir)
-    tag = latest_tag(root)
-    if tag is None:
+    folder = _newest_intact(Path(run.training.checkpoint_dir))
+    if folder is None:
         return None
-    folder = root / tag
     try:
         run_config = json.loads((folder / "run_config.json").read_text(encoding="utf-8"))
         global_batch = int(json.loads((folder / "ds_config.json").read_text(encoding="utf-8"))["train_batch_size"])
@@ -72,6 +70,17 @@ def find_resume_point(run: RunConfig) -> ResumePoint | None:
                               f"unreadable ({err}); move the folder away, or set training.resume=false to start "
                               "over") from None
     return ResumePoint(folder=folder, run_config=run_config, global_batch=global_batch)
+
+
+def _newest_intact(root: Path) -> Path | None:
+    """The folder the trainer will load: the newest one whose manifest matches its files (a damaged newest one is
+    skipped, as CheckpointCommitter.load_latest does), or one written before manifests existed."""
+    for _, folder in reversed(list_checkpoint_tags(root)):
+        if (folder / MANIFEST).exists() and damage_of(folder) is None:
+            return folder
+        if not (folder / MANIFEST).exists() and any(folder.glob("*model_states.pt")):
+            return folder
+    return None
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

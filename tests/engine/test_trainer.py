@@ -143,10 +143,17 @@ def test_final_model_loads_with_the_original_snippet(tmp_path, data_cache, proce
 
 
 def test_resume_false_starts_over(tmp_path, data_cache, process_group):
-    first = make_trainer(tmp_path, data_cache, zero_stage=2, max_steps=3)
+    """resume: false trains from the seed's initialisation; into the folder of an earlier run it is refused
+    (engine/checkpoint_commit.py: two runs never share one folder)."""
+    from engine.errors import CheckpointError
+
+    first = make_trainer(tmp_path / "old", data_cache, zero_stage=2, max_steps=3)
     first.train()
     trained = params_of(first)
-    fresh = make_trainer(tmp_path, data_cache, zero_stage=2, max_steps=3, extra=["training.resume=false"])
+    with pytest.raises(CheckpointError, match="training.resume is false"):
+        make_trainer(tmp_path / "old", data_cache, zero_stage=2, max_steps=3,
+                     extra=["training.resume=false"]).setup()
+    fresh = make_trainer(tmp_path / "new", data_cache, zero_stage=2, max_steps=3, extra=["training.resume=false"])
     fresh.setup()
     assert fresh.step == 0 and math.isinf(fresh.best_val_loss)
     torch.manual_seed(fresh.training.seed)  # the initialisation a new run starts from

@@ -22,7 +22,7 @@ def run_config(tmp_path, *extra):
 
 
 def fake_checkpoint(tmp_path, *, micro=4, accum=2, world_size=1, zero_stage=2, extra=()):
-    """A checkpoint folder as launcher/run.py's train() describes one (run_config.json, ds_config.json, latest)."""
+    """A checkpoint folder as launcher/run.py's train() describes one (run_config.json, ds_config.json)."""
     run = run_config(tmp_path, *extra)
     resolved = run.training.model_copy(update={"batch_size": micro, "gradient_accumulation_steps": accum,
                                                "zero_stage": zero_stage, "offload": "none",
@@ -31,6 +31,7 @@ def fake_checkpoint(tmp_path, *, micro=4, accum=2, world_size=1, zero_stage=2, e
     folder.mkdir(parents=True)
     (folder / "run_config.json").write_text(run.model_copy(update={"training": resolved}).model_dump_json())
     (folder / "ds_config.json").write_text(json.dumps({"train_batch_size": micro * accum * world_size}))
+    (folder / "mp_rank_00_model_states.pt").write_bytes(b"")  # a folder from before manifests: taken as intact
     (tmp_path / "ckpt" / "latest").write_text("checkpoint_step_3")
     return folder
 
@@ -146,3 +147,14 @@ def test_resume_on_two_ranks_keeps_the_global_batch_and_refuses_a_new_shape(tmp_
     assert micro * accum * 2 == 8
     saved = json.loads((tmp_path / "checkpoints" / "checkpoint_step_4" / "ds_config.json").read_text())
     assert saved["train_batch_size"] == 8
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_like_the_trainer_does(tmp_path):
+    from engine.checkpoint_commit import MANIFEST
+
+    fake_checkpoint(tmp_path, micro=4, accum=2)
+    newer = tmp_path / "ckpt" / "checkpoint_step_6"
+    newer.mkdir()
+    (newer / MANIFEST).write_text(json.dumps({"files": {"mp_rank_00_model_states.pt": 123}}))  # the file is missing
+    point = find_resume_point(run_config(tmp_path))
+    assert point is not None and point.folder.name == "checkpoint_step_3"
