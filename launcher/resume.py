@@ -31,8 +31,8 @@ LAYOUT_KEYS = ("training.batch_size", "training.gradient_accumulation_steps", "t
 HARMLESS_KEYS = ("training.eval_interval", "training.eval_batches", "training.save_interval",
                  "training.keep_last_checkpoints", "training.log_interval", "training.sample_tokens",
                  "training.output_dir", "training.checkpoint_dir", "training.max_steps", "training.grad_clip",
-                 "training.tokens_per_step", "training.resume", "data.cache_dir", "system.auto_shutdown",
-                 "system.shutdown_delay")
+                 "training.tokens_per_step", "training.resume", "training.max_runtime", "data.cache_dir",
+                 "system.auto_shutdown", "system.shutdown_delay")
 """May differ from the checkpoint's: reported, then the new value is used (tokens_per_step: the checkpoint's
 global batch is kept instead)."""
 
@@ -102,7 +102,9 @@ def compare_with_checkpoint(run: RunConfig, point: ResumePoint) -> tuple[list[st
         if key in LAYOUT_KEYS or saved.get(key) == current.get(key):
             continue
         old, new = saved.get(key, "(absent)"), current.get(key, "(absent)")
-        if key in HARMLESS_KEYS:
+        if key not in saved:  # a key this version added: the checkpoint cannot say what it was
+            warnings.append(f"{key}: not in the checkpoint's run_config.json (an older version wrote it), {new!r} now")
+        elif key in HARMLESS_KEYS:
             why = WHY_HARMLESS.get(key, "the new value is used").format(old=old)
             warnings.append(f"{key}: {old!r} in the checkpoint, {new!r} now: {why}")
         else:

@@ -60,10 +60,12 @@ def test_keys_that_change_the_training_are_refused_and_all_named(tmp_path):
 
 def test_harmless_differences_are_warnings_naming_each_key(tmp_path):
     fake_checkpoint(tmp_path)
-    run = run_config(tmp_path, "training.eval_interval=77", "training.max_steps=99", "training.tokens_per_step=512")
+    run = run_config(tmp_path, "training.eval_interval=77", "training.max_steps=99", "training.tokens_per_step=512",
+                     "training.max_runtime=2h")
     _, warnings = pin_to_checkpoint(run, find_resume_point(run))
     keys = sorted(line.split(":")[0] for line in warnings)
-    assert keys == ["training.eval_interval", "training.max_steps", "training.tokens_per_step"]
+    assert keys == ["training.eval_interval", "training.max_runtime", "training.max_steps",
+                    "training.tokens_per_step"]
     assert any("global batch is kept" in line for line in warnings)
 
 
