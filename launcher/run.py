@@ -329,10 +329,12 @@ def train(run: RunConfig, plan, ds_config: dict, args: argparse.Namespace, world
         print(f"             {Path(result.best_model_path).resolve()}")
         print(f"             {Path(run.training.checkpoint_dir).resolve()}/checkpoint_step_{result.final_step} "
               f"(resumable DeepSpeed checkpoint)")
-        if run.system.auto_shutdown and not args.no_shutdown:
-            print("note: system.auto_shutdown is set, but automatic shutdown is not part of this release yet; "
-                  "the machine stays on.")
-    teardown_distributed()
+    teardown_distributed()  # its barrier: past this line every rank has finished
+    from launcher.shutdown import RunOutcome, maybe_shut_down
+
+    maybe_shut_down(RunOutcome(auto_shutdown=run.system.auto_shutdown, no_shutdown=args.no_shutdown, dry_run=False,
+                               succeeded=True, interrupted=bool(getattr(result, "interrupted", False)),
+                               rank=int(os.environ.get("RANK", 0))), run.system.shutdown_delay)
     return 0
 
 
