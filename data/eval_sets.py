@@ -102,3 +102,21 @@ def lambada_split(text: str) -> tuple[str, str]:
     if not context:
         raise DataError(f"LAMBADA passage without a context: {text[:60]!r}")
     return context, " " + word
+
+
+def hub_reachable(timeout_s: float = 5.0) -> tuple[bool, str]:
+    """(whether the Hugging Face hub can be reached, why not). Offline mode (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE /
+    TRANSFORMERS_OFFLINE) answers at once; otherwise one TCP connection to the hub's endpoint decides, so that an
+    offline machine fails in seconds instead of after datasets' retries (~23 s per file)."""
+    import socket
+    from urllib.parse import urlparse
+
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(variable, "").lower() in ("1", "true", "yes", "on"):
+            return False, f"{variable} is set"
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+    except OSError as err:
+        return False, f"cannot connect to {host}:443 ({err})"
+    return True, ""

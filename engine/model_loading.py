@@ -96,7 +96,7 @@ def _load_exported(folder: Path) -> LoadedModel:
     if "architectures" in config_json:  # a transformers folder: let transformers read it
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
         return LoadedModel(model=model, model_config=None, kind="transformers", source=folder)
     from safetensors.torch import load_file
 

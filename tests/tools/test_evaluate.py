@@ -11,16 +11,7 @@ import torch
 from data.eval_sets import write_eval_set
 from engine.errors import CheckpointError
 from engine.model_loading import load_trained_model
-from tests.engine.test_trainer import make_trainer
 from tools import evaluate as evaluate_tool
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, data_cache, process_group):
-    root = tmp_path_factory.mktemp("eval_run")
-    trainer = make_trainer(root, data_cache, zero_stage=2, max_steps=4, extra=("training.log_interval=1",))
-    result = trainer.train()
-    return root, result
 
 
 def test_every_checkpoint_form_loads_the_same_weights(trained_run):
