@@ -66,8 +66,8 @@ def check_torch() -> list[Check]:
     else:
         checks.append(Check(name="torch", status="ok", detail=torch.__version__))
     if not torch.cuda.is_available():
-        checks.append(Check(name="CUDA", status="info", detail=f"not available (torch built with CUDA "
-                            f"{torch.version.cuda}); training runs on the CPU"))
+        build = f"torch built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only torch build"
+        checks.append(Check(name="CUDA", status="info", detail=f"not available ({build}); training runs on the CPU"))
         return checks
     names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
     checks.append(Check(name="CUDA", status="ok", detail=f"{torch.cuda.device_count()} GPU(s) ({', '.join(names)}), "
