@@ -93,6 +93,7 @@ def test_unknown_system_is_refused_without_running_anything():
     assert runner.calls == [] and "not supported on 'Plan9'" in out.getvalue()
 
 
+@pytest.mark.slow
 def test_a_successful_cli_run_counts_down_and_runs_the_command(tmp_path, data_cache):
     """End to end through launcher/run.py: train two steps with auto_shutdown on, the OS command replaced by a
     Python one-liner that writes a marker file; then the same with --no_shutdown writes nothing."""

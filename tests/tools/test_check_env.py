@@ -58,6 +58,7 @@ def test_exit_code_says_whether_training_can_start(monkeypatch, capsys):
     assert "not attempted" in out
 
 
+@pytest.mark.slow
 def test_the_training_run_trains_for_real(data_cache):
     check = check_env.training_check(str(data_cache), timeout_s=600)
     assert check.status == "ok", check

@@ -19,6 +19,7 @@ def test_bus_bandwidth_is_nccl_tests_factor(ranks, factor):
     assert bus_bandwidth(10.0, ranks) == pytest.approx(10.0 * factor)
 
 
+@pytest.mark.slow
 def test_gloo_all_reduce_between_two_processes():
     results = run_all_reduce_benchmark(2, [4096, 65536], backend="gloo", iterations=3, timeout_s=300)
     assert [r.size_bytes for r in results] == [4096, 65536]
