@@ -92,7 +92,10 @@ def _load_deepspeed(root: Path, tag: str) -> LoadedModel:
 
 
 def _load_exported(folder: Path) -> LoadedModel:
-    config_json = json.loads((folder / "config.json").read_text())
+    # tools/convert_checkpoint.py (issue 9) writes this project's ModelConfig as model_config.json beside the
+    # safetensors shards; a transformers folder has config.json with `architectures`.
+    own = folder / "model_config.json"
+    config_json = json.loads((own if own.is_file() else folder / "config.json").read_text())
     if "architectures" in config_json:  # a transformers folder: let transformers read it
         from transformers import AutoModelForCausalLM
 
@@ -111,7 +114,7 @@ def _load_exported(folder: Path) -> LoadedModel:
 
 def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
     """Load weights from a `.pt`, a DeepSpeed checkpoint folder (root or `checkpoint_step_N`) or an exported
-    folder (`config.json` + `*.safetensors`); CheckpointError says what was found instead."""
+    folder (`model_config.json` or `config.json` + `*.safetensors`); CheckpointError says what was found instead."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist: pass --checkpoint a .pt file, a checkpoint folder or an "
@@ -120,11 +123,12 @@ def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> 
         loaded = _load_pt(path)
     elif (found := _deepspeed_root_and_tag(path)) is not None:
         loaded = _load_deepspeed(*found)
-    elif (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+    elif ((path / "model_config.json").is_file() or (path / "config.json").is_file()) and \
+            any(path.glob("*.safetensors")):
         loaded = _load_exported(path)
     else:
         raise CheckpointError(f"{path} is neither a DeepSpeed checkpoint folder (no 'latest' file or "
-                              "checkpoint_step_N with model states) nor an exported folder (config.json + "
-                              "*.safetensors)")
+                              "checkpoint_step_N with model states) nor an exported folder (model_config.json or "
+                              "config.json + *.safetensors)")
     loaded.model.to(device)
     return loaded
