@@ -31,7 +31,19 @@ def parameter_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
         return _transformer_shapes(model)
     if model.model_type == "mamba":
         return _mamba_shapes(model)
-    raise ValueError(f"no parameter layout for model_type {model.model_type!r}: add one to launcher/model_sizes.py")
+    return registered_family_shapes(model)
+
+
+def registered_family_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """A family registered with model.registry.register_model: its shapes read from the model itself, built on
+    the meta device (no memory, no initialisation cost)."""
+    import torch
+
+    from model.registry import create_model
+
+    with torch.device("meta"):
+        built = create_model(model.model_type, model)
+    return {name: tuple(p.shape) for name, p in built.named_parameters() if p.requires_grad}
 
 
 def _transformer_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -214,11 +226,25 @@ def layer_activation_bytes(m: ModelConfig, act_bytes: int, *, seq_len: int, on_c
                            fused_ssm_kernels: bool = True) -> int:
     """Bytes one block saves for backward per token. on_cuda: FlashAttention and torch's fused RMSNorm run
     (False: the CPU kernels); fused_ssm_kernels: mamba-ssm's kernels run (CUDA with mamba-ssm installed)."""
+    if m.model_type not in ("transformer", "mamba"):
+        return registered_family_activation_bytes(m, act_bytes)
     if m.model_type == "transformer":
         # FlashAttention takes grouped K/V heads only in bf16/fp16 (model/transformer.py _gqa_reaches_fused_kernel).
         return transformer_layer_activation_bytes(m, act_bytes, kv_heads_repeated=act_bytes == 4 or not on_cuda,
                                                   fused_rmsnorm=on_cuda)
     return mamba_layer_activation_bytes(m, act_bytes, fused_kernels=fused_ssm_kernels and on_cuda, seq_len=seq_len)
+
+
+def registered_family_activation_bytes(m: ModelConfig, act_bytes: int) -> int:
+    """A registered family states its own per-block, per-token saved bytes as a static method
+    `activation_bytes_per_token(config, act_bytes)` on its class; without one, the Transformer block of the same
+    config is assumed (a stated guess, shown in the plan as any other figure)."""
+    from model.registry import model_class
+
+    stated = getattr(model_class(m.model_type), "activation_bytes_per_token", None)
+    if stated is not None:
+        return int(stated(m, act_bytes))
+    return transformer_layer_activation_bytes(m, act_bytes, kv_heads_repeated=True, fused_rmsnorm=False)
 
 
 def layer_input_bytes(m: ModelConfig, act_bytes: int) -> int:
