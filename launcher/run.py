@@ -342,7 +342,13 @@ def train(run: RunConfig, plan, ds_config: dict, args: argparse.Namespace, world
             print(f"error: rank {os.environ.get('RANK', '?')} of {world_size} failed at step {trainer.step}: "
                   f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
         raise
+    from launcher.shutdown import RunOutcome, maybe_shut_down
+
+    outcome = RunOutcome(auto_shutdown=run.system.auto_shutdown, no_shutdown=args.no_shutdown, dry_run=False,
+                         succeeded=result.stop_reason is None, interrupted=result.stop_reason is not None,
+                         rank=int(os.environ.get("RANK", 0)))
     if result.stop_reason is not None:
+        maybe_shut_down(outcome, run.system.shutdown_delay)  # never shuts down here: says why on rank 0
         return report_stop(result, run.training.checkpoint_dir)
     if is_main_process():
         baseline = unigram_cross_entropy(trainer.prepared)
@@ -357,11 +363,7 @@ def train(run: RunConfig, plan, ds_config: dict, args: argparse.Namespace, world
         print(f"             {Path(run.training.checkpoint_dir).resolve()}/checkpoint_step_{result.final_step} "
               f"(resumable DeepSpeed checkpoint)")
     teardown_distributed()  # its barrier: past this line every rank has finished
-    from launcher.shutdown import RunOutcome, maybe_shut_down
-
-    maybe_shut_down(RunOutcome(auto_shutdown=run.system.auto_shutdown, no_shutdown=args.no_shutdown, dry_run=False,
-                               succeeded=True, interrupted=bool(getattr(result, "interrupted", False)),
-                               rank=int(os.environ.get("RANK", 0))), run.system.shutdown_delay)
+    maybe_shut_down(outcome, run.system.shutdown_delay)
     return 0
 
 

@@ -95,8 +95,9 @@ def test_unknown_system_is_refused_without_running_anything():
 
 @pytest.mark.slow
 def test_a_successful_cli_run_counts_down_and_runs_the_command(tmp_path, data_cache):
-    """End to end through launcher/run.py: train two steps with auto_shutdown on, the OS command replaced by a
-    Python one-liner that writes a marker file; then the same with --no_shutdown writes nothing."""
+    """End to end through launcher/run.py with auto_shutdown on and the OS command replaced by a Python one-liner
+    that writes a marker file: a run stopped by its time limit and a run with --no_shutdown write nothing; a run that
+    finishes counts down and runs the command."""
     marker = tmp_path / "powered_off"
     write_marker = f"open({str(marker)!r}, 'w').write('off')"
     script = (
@@ -112,6 +113,11 @@ def test_a_successful_cli_run_counts_down_and_runs_the_command(tmp_path, data_ca
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env["PYTHONPATH"] = str(REPO_ROOT)
+    stopped = run_job([sys.executable, "-c", script, *args, "--set=training.max_steps=100000",
+                       "--set=training.max_runtime=1", f"--set=training.checkpoint_dir={tmp_path / 'stopped'}"],
+                      cwd=tmp_path, env=env, timeout=300)
+    assert stopped.returncode == 75, stopped.stderr[-3000:]  # the time limit: checkpoint saved, exit 75
+    assert not marker.exists() and "auto-shutdown skipped: the run was interrupted" in stopped.stdout
     result = run_job([sys.executable, "-c", script, *args, "--no_shutdown"], cwd=tmp_path, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not marker.exists() and "auto-shutdown skipped: --no_shutdown was given" in result.stdout
