@@ -129,7 +129,9 @@ def check_deepspeed() -> list[Check]:
     usable = [f["op"] for f in facts if f["installed"] or f["compatible"]]
     built = [f["op"] for f in facts if f["installed"] or f["built"]]
     detail = f"compatible or installed: {', '.join(usable) or 'none'}; built: {', '.join(built) or 'none'}"
-    needed = "cpu_adam"  # optimizer offload (ZeRO-Offload) needs it on every accelerator
+    # The ds_config uses torch's AdamW (launcher/ds_config.py: no FusedAdam build), so the one op a run may need
+    # is DeepSpeedCPUAdam, for optimizer offload (ZeRO-Offload), on every accelerator.
+    needed = "cpu_adam"
     ok = needed in usable
     checks.append(Check(name="deepspeed ops", status="ok" if ok else "warn", detail=detail,
                         fix="" if ok else "offload needs cpu_adam: install a C++ compiler (g++) and ninja"))
