@@ -133,6 +133,11 @@ def iter_documents(source: DocumentSource, *, skip: int = 0) -> Iterator[str]:
         missing = [f for f in source.data_files if not Path(f).is_file()]
         if missing:
             raise DataError(f"input file {missing[0]} does not exist")
+        empty = [f for f in source.data_files if Path(f).stat().st_size == 0]
+        if len(empty) == len(source.data_files):
+            # datasets' json builder leaks a StopIteration on an empty file; say what is wrong instead.
+            raise DataError(f"{source.name}: no documents (the input file{'s are' if len(empty) > 1 else ' is'} "
+                            "empty)")
         if source.builder == "text":
             _check_utf8(source.data_files)
         kwargs = {"data_files": list(source.data_files)}
