@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from data.errors import DataError
 from data.shards import TokenShardWriter, token_dtype
-from data.sources import DocumentSource, iter_documents
+from data.sources import DocumentSource, check_hub_reachable, iter_documents
 from data.tokenizer import Tokenizer, tokenizer_sha256
 
 SHARD_SET_FORMAT = "rag-transformer-shards"
@@ -184,6 +184,8 @@ def preprocess(source: DocumentSource, options: PreprocessOptions) -> dict:
     if not Path(options.tokenizer_path).is_file():
         raise DataError(f"tokenizer model {options.tokenizer_path} does not exist; train one with "
                         "tools/train_tokenizer.py or pass an existing SentencePiece .model")
+    if not source.is_local:
+        check_hub_reachable()  # before any folder, worker or progress bar exists
     tokenizer = Tokenizer(options.tokenizer_path)
     folder = Path(options.output_dir)
     settings = {"format": SHARD_SET_FORMAT, "format_version": SHARD_SET_VERSION, "source": source.name,
@@ -230,8 +232,8 @@ def _run(source: DocumentSource, options: PreprocessOptions, tokenizer: Tokenize
     pairs = _ShardPairs(folder, tokenizer.vocab_size, settings, state, hashes)
     start_position = state["num_documents_read"]
     num_tokens = state["num_train_tokens"] + state["num_val_tokens"]
-    bar = tqdm(total=options.max_tokens, initial=num_tokens, unit="tok", unit_scale=True, desc=f"{source.name}",
-               disable=not options.progress, dynamic_ncols=True, mininterval=1.0)
+    # Opened with the first result, so that an input rejected at its first document prints only the error.
+    bar = None
 
     num_read = [start_position]
 
@@ -272,6 +274,9 @@ def _run(source: DocumentSource, options: PreprocessOptions, tokenizer: Tokenize
                 break
             result, info = in_flight.popleft()
             tokens, lengths = result.get()
+            if bar is None:
+                bar = tqdm(total=options.max_tokens, initial=num_tokens, unit="tok", unit_scale=True,
+                           desc=source.name, disable=not options.progress, dynamic_ncols=True, mininterval=1.0)
             offsets = np.concatenate([[0], np.cumsum(lengths)])
             for (is_val, dedup_hash, position), start, stop in zip(info, offsets[:-1], offsets[1:]):
                 pairs.add(tokens[start:stop], is_val=is_val, dedup_hash=dedup_hash, position=position,
@@ -296,7 +301,8 @@ def _run(source: DocumentSource, options: PreprocessOptions, tokenizer: Tokenize
         pool.terminate()
         raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         pool.close()
         pool.join()
 
