@@ -47,6 +47,8 @@ def train_and_save(data_cache: str, out_dir: Path, micro_batch: int, accum: int,
     for _ in range(STEPS):
         losses.append(trainer.train_step()["loss"])
         trainer.step += 1
+    val_loss = trainer.evaluate()  # a collective: every rank takes part
+    val_tokens = sum(tokens for _, tokens in trainer.last_eval.values())
     weights = gather_fp32_state_dict(trainer.engine.module)  # a collective under ZeRO-3
     samples = [sorted(i for micro in range(accum) for rank in range(world_size)
                       for i in sample_indices(step=step, micro_step=micro, rank=rank, world_size=world_size,
@@ -54,7 +56,8 @@ def train_and_save(data_cache: str, out_dir: Path, micro_batch: int, accum: int,
                for step in range(STEPS)]
     path = out_dir / f"{tag}.pt"
     if distributed.is_main_process():
-        torch.save({"weights": weights, "losses": losses, "samples": samples}, path)
+        torch.save({"weights": weights, "losses": losses, "samples": samples, "val_loss": val_loss,
+                    "val_tokens": val_tokens}, path)
     trainer.engine.destroy()
     distributed.barrier()
     return path

@@ -43,6 +43,9 @@ def test_two_ranks_match_one_rank_at_the_same_global_batch(two_rank_results, dat
     two = torch.load(two_rank_results / f"ws2_mb2_acc1_zero{stage}.pt", weights_only=True)
     assert one["samples"] == two["samples"]  # the same sample positions in every step
     assert one["losses"] == pytest.approx(two["losses"], rel=1e-5)
+    if micro_batch == 4:  # 1 rank x 4 rows = 2 ranks x 2 rows: the same eval windows, so the same figure
+        assert one["val_tokens"] == two["val_tokens"]
+        assert one["val_loss"] == pytest.approx(two["val_loss"], rel=1e-4)
     assert one["weights"].keys() == two["weights"].keys()
     for name, weight in one["weights"].items():
         torch.testing.assert_close(weight, two["weights"][name], rtol=1e-4, atol=1e-5, msg=name)
