@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -53,7 +54,7 @@ class PreprocessOptions:
     """Stop after this many tokens (training + validation); None reads the whole source."""
     dedup: bool = True
     """Drop documents whose exact text was seen before."""
-    documents_per_task: int = 256
+    documents_per_task: int = 64
     """Documents sent to a worker at once."""
     progress: bool = True
     """Show a progress bar."""
@@ -76,11 +77,11 @@ def _init_worker(tokenizer_path: str) -> None:
 def _encode_task(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Encode texts, eos after each; returns (all tokens concatenated, per-document lengths)."""
     tokenizer = _worker_tokenizer
-    ids = tokenizer.encode_batch(texts)
-    eos = tokenizer.eos_id
-    lengths = np.fromiter((len(doc) + 1 for doc in ids), dtype=np.int64, count=len(ids))
-    dtype = token_dtype(tokenizer.vocab_size)
-    tokens = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=dtype, count=int(lengths.sum()))
+    ids = tokenizer.encode_batch(texts, add_eos=True)
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    # chain.from_iterable flattens in C: a Python generator here cost half of the worker's time.
+    tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=token_dtype(tokenizer.vocab_size),
+                         count=int(lengths.sum()))
     return tokens, lengths
 
 

@@ -128,9 +128,9 @@ class Tokenizer:
         """Token ids of text, without bos/eos."""
         return self._processor.encode(text)
 
-    def encode_batch(self, texts: list[str], *, num_threads: int = 1) -> list[list[int]]:
-        """Token ids of several texts, encoded by num_threads threads."""
-        return self._processor.encode(texts, num_threads=num_threads)
+    def encode_batch(self, texts: list[str], *, num_threads: int = 1, add_eos: bool = False) -> list[list[int]]:
+        """Token ids of several texts, encoded by num_threads threads (eos appended to each when add_eos)."""
+        return self._processor.encode(texts, num_threads=num_threads, add_eos=add_eos)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of token ids; bos/eos decode to nothing."""
