@@ -58,11 +58,13 @@ def train_and_save(data_cache: str, out_dir: Path, micro_batch: int, accum: int,
         torch.distributed.all_gather_object(everyone, [i for micro in read for i in micro])
         samples.append(sorted(i for rank_read in everyone for i in rank_read))
         trainer.step += 1
+    val_loss = trainer.evaluate()  # a collective: every rank takes part
+    val_tokens = sum(tokens for _, tokens in trainer.last_eval.values())
     weights = gather_fp32_state_dict(trainer.engine.module)  # a collective under ZeRO-3
     path = out_dir / f"{tag}.pt"
     if distributed.is_main_process():
-        torch.save({"weights": weights, "losses": losses, "grad_norms": grad_norms, "samples": samples},
-                   path)
+        torch.save({"weights": weights, "losses": losses, "grad_norms": grad_norms, "samples": samples,
+                    "val_loss": val_loss, "val_tokens": val_tokens}, path)
     trainer.engine.destroy()
     distributed.barrier()
     return path
