@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from deepspeed.utils import safe_get_full_fp32_param
 
-from engine import distributed
+from engine import distributed, universal
 
 TAG_PATTERN = re.compile(r"^checkpoint_step_(\d+)$")
 
@@ -98,7 +98,10 @@ class CheckpointManager:
         tag = latest_tag(self.checkpoint_dir)
         if tag is None:
             return None
-        path, client_state = engine.load_checkpoint(str(self.checkpoint_dir), tag=tag)
+        if universal.needs_universal(self.checkpoint_dir / tag, distributed.world_size()):
+            path, client_state = universal.load_universal(engine, self.checkpoint_dir, tag)
+        else:
+            path, client_state = engine.load_checkpoint(str(self.checkpoint_dir), tag=tag)
         if path is None:
             raise RuntimeError(f"could not load checkpoint {self.checkpoint_dir / tag}: remove it or set "
                                "training.resume=false")
