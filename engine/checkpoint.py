@@ -53,18 +53,23 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def gather_fp32_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def gather_fp32_state_dict(module: torch.nn.Module, optimizer: Any = None) -> dict[str, torch.Tensor]:
     """The full fp32 weights on every rank (a collective under ZeRO-3: all ranks must call it).
 
     Under mixed precision or ZeRO the module's own tensors are low-precision copies or partitions; DeepSpeed's
-    safe_get_full_fp32_param assembles the fp32 master weight. Without a master copy (ZeRO-0 fp32) the
-    parameter itself is the master.
+    safe_get_full_fp32_param assembles the fp32 master weight of ZeRO-1/2/3. ZeRO-0 with bf16/fp16 keeps its
+    masters in the optimizer (`engine.optimizer`, pass it), which safe_get_full_fp32_param does not know about.
+    Without a master copy (ZeRO-0 fp32) the parameter itself is the master.
     """
+    unfused_masters = {id(low): high for lows, highs in zip(getattr(optimizer, "fp16_groups", None) or [],
+                                                            getattr(optimizer, "fp32_groups", None) or [])
+                       for low, high in zip(lows, highs)}
     by_param: dict[int, torch.Tensor] = {}
     names: dict[str, int] = {}
     for name, param in module.named_parameters(remove_duplicate=False):
         if id(param) not in by_param:
             full = safe_get_full_fp32_param(param)
+            full = unfused_masters.get(id(param)) if full is None else full
             by_param[id(param)] = (full if full is not None else param.detach()).float().cpu().clone()
         names[name] = id(param)
     state = {name: by_param[pid] for name, pid in names.items()}
@@ -110,7 +115,7 @@ class CheckpointManager:
     def export_model(self, engine, path: str | Path, *, model_config: dict[str, Any],
                      extra: dict[str, Any]) -> Path | None:
         """Write `final_model.pt` / `best_model.pt` in the original format (all ranks call; rank 0 writes)."""
-        state = gather_fp32_state_dict(engine.module)
+        state = gather_fp32_state_dict(engine.module, engine.optimizer)
         path = self.checkpoint_dir / path
         if distributed.is_main_process():
             atomic_torch_save({"config": model_config, "model_state_dict": state,

@@ -74,7 +74,7 @@ def run(role: str, data_cache: str, run_dir: Path, stage: int) -> Path:
         trainer.train()
     except Stop:
         pass
-    weights = gather_fp32_state_dict(trainer.engine.module)  # a collective under ZeRO-3
+    weights = gather_fp32_state_dict(trainer.engine.module, trainer.engine.optimizer)  # collective, ZeRO-3
     path = run_dir / f"{role}_ws{distributed.world_size()}.pt"
     if distributed.is_main_process():
         torch.save({"losses": trainer.losses, "weights": weights, "start_step": start_step}, path)
