@@ -303,3 +303,35 @@ def _quiet():
 
     with contextlib.redirect_stdout(io.StringIO()):
         yield
+
+
+# Settings that change no weight's name or shape, nor the function the weights compute at a given length.
+_RUN_ONLY_SETTINGS = {"dropout", "max_seq_len", "chunk_size", "init_std"}
+
+
+def load_initial_weights(model: torch.nn.Module, path: str | Path, config: ModelConfig) -> None:
+    """Copy the weights of an original-format `.pt` into a freshly built `model` (before deepspeed.initialize;
+    under ZeRO-3 each parameter is gathered, written by rank 0's copy of the file, and re-partitioned)."""
+    import deepspeed
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"training.init_from: {path} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model_state_dict" not in checkpoint:
+        raise CheckpointError(f"training.init_from: {path} is not a .pt of this project ({{'config', "
+                              "'model_state_dict'}}, as final_model.pt or convert_checkpoint.py writes)")
+    saved = ModelConfig(**checkpoint["config"])
+    differ = {k: v for k, v in saved.model_dump().items()
+              if k not in _RUN_ONLY_SETTINGS and getattr(config, k) != v and
+              not (k == "ffn_hidden" and saved.ffn_dim == config.ffn_dim)}
+    if differ:
+        fixes = " ".join(f"{'' if k == 'model_type' else 'model.'}{k}={v}" for k, v in differ.items())
+        raise CheckpointError(f"training.init_from: {path} holds another architecture; set {fixes} "
+                              "(or use the YAML that convert_checkpoint.py --from_hf wrote beside it)")
+    state = checkpoint["model_state_dict"]
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=hasattr(param, "ds_id")):
+                param.copy_(state[name])
+

@@ -18,8 +18,9 @@ from deepspeed.accelerator import get_accelerator
 from data import DataConfig, PreparedData, TokenShardReader, TokenWindows, Tokenizer, eval_indices, \
     prepare_data, sample_indices
 from engine import distributed
-from engine.checkpoint import CheckpointManager
+from engine.checkpoint import CheckpointManager, latest_tag
 from engine.config import TrainingConfig
+from engine.export import load_initial_weights
 from engine.metrics import MetricsLogger, peak_memory_bytes
 from model import ModelConfig, create_model
 
@@ -94,6 +95,8 @@ class Trainer:
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=zero3):
             model = create_model(self.model_config.model_type, self.model_config)
         model.gradient_checkpointing = bool(self.training.activation_checkpointing is True)
+        if self.training.init_from and not (self.training.resume and latest_tag(self.training.checkpoint_dir)):
+            load_initial_weights(model, self.training.init_from, self.model_config)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, self.training.weight_decay), config=self.ds_config)
         self.micro_batch = self.engine.train_micro_batch_size_per_gpu()

@@ -78,7 +78,9 @@ def convert(args: argparse.Namespace) -> Path:
     from engine import export, hf_export, universal
 
     if args.from_hf:
-        return hf_export.import_hf_folder(args.from_hf, args.output)
+        written = hf_export.import_hf_folder(args.from_hf, args.output)
+        write_run_yaml(written)
+        return written
     folder = export.resolve_checkpoint(args.checkpoint, args.tag)
     if args.to == "pt":
         return export.write_plain_pt(folder, args.output, progress=True)
@@ -88,6 +90,25 @@ def convert(args: argparse.Namespace) -> Path:
         return hf_export.write_hf_folder(folder, args.output, tokenizer_path=args.tokenizer,
                                          max_shard_bytes=args.max_shard_size, progress=True)
     return universal.ensure_universal(folder)
+
+
+def write_run_yaml(pt_path: Path) -> Path:
+    """A config file for launcher/run.py --config that continues training from an imported model: its
+    architecture as `model:` and `training.init_from` pointing at the .pt."""
+    import torch
+    import yaml
+
+    from engine.export import staged_output
+
+    config = torch.load(pt_path, map_location="cpu", weights_only=True, mmap=True)["config"]  # reads no weights
+    tree = {"model_type": config.pop("model_type"), "model": config,
+            "training": {"init_from": str(Path(pt_path).resolve())}}
+    path = Path(pt_path).with_suffix(".yaml")
+    with staged_output(path) as tmp:
+        tmp.write_text(f"# continue training from {Path(pt_path).name}: python launcher/run.py --config {path}\n"
+                       + yaml.safe_dump(tree, sort_keys=False))
+    print(f"wrote {path}")
+    return path
 
 
 if __name__ == "__main__":

@@ -208,3 +208,43 @@ def test_command_line_end_to_end(trained_ws1, tmp_path):
     bad = run_job([sys.executable, tool, str(ckpt), "--tag", "nope", "--to", "pt", "--output", str(tmp_path / "n.pt")],
                   cwd=tmp_path, env=env, timeout=300)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+def test_training_continues_from_an_imported_model(tmp_path, data_cache, process_group, native_linear):
+    """--from_hf writes a .pt and a YAML; a ZeRO-3 run from that YAML starts from exactly the imported weights
+    and its first loss is the transformers model's own loss on the same batch."""
+    transformers = pytest.importorskip("transformers")
+    from engine.checkpoint import gather_fp32_state_dict
+    from engine.trainer import Trainer
+    from launcher.config import build_run_config
+    from launcher.ds_config import build_ds_config
+    from launcher.plan import choose_plan
+
+    torch.manual_seed(0)
+    hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True))
+    hf_model.save_pretrained(tmp_path / "published")
+    assert convert_checkpoint.main(["--from_hf", str(tmp_path / "published"), "--output",
+                                    str(tmp_path / "imported.pt")]) == 0
+    run = build_run_config(config_path=str(tmp_path / "imported.yaml"), overrides=[
+        "training.zero_stage=3", "training.batch_size=2", "training.gradient_accumulation_steps=1",
+        "training.max_steps=1", "training.warmup_steps=1", f"training.checkpoint_dir={tmp_path / 'ckpt'}",
+        f"training.output_dir={tmp_path / 'out'}", f"data.cache_dir={data_cache}"])
+    plan = choose_plan(run.model, run.training, 1)
+    trainer = Trainer(model_config=run.model, training=run.training.model_copy(update={"zero_stage": 3}),
+                      data=run.data, ds_config=build_ds_config(run, plan), run_record={})
+    trainer.setup()
+    imported = torch.load(tmp_path / "imported.pt", weights_only=True)["model_state_dict"]
+    started = gather_fp32_state_dict(trainer.engine.module, trainer.engine.optimizer)
+    assert started.keys() == imported.keys()
+    for name, tensor in imported.items():
+        torch.testing.assert_close(started[name], tensor, rtol=0, atol=0, msg=name)
+    from data import sample_indices
+
+    batch = trainer.train_windows.batch(sample_indices(step=0, micro_step=0, rank=0, world_size=1, micro_batch=2,
+                                                       grad_accum=1))
+    with torch.no_grad():
+        logits = hf_model.eval()(batch[:, :-1]).logits  # (B, T, V)
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 8192), batch[:, 1:].reshape(-1)).item()
+    assert trainer.train_step()["loss"] == pytest.approx(expected, rel=1e-4)
