@@ -83,6 +83,9 @@ class TrainingConfig(BaseModel):
     """Seed of initialisation and data order."""
     resume: bool = True
     """Resume from the latest checkpoint in checkpoint_dir if there is one."""
+    init_from: str | None = None
+    """Start a new run from the weights of this original-format .pt (e.g. a model imported with
+    tools/convert_checkpoint.py --from_hf) instead of a random initialisation; a resume takes precedence."""
     sample_tokens: int = 120
     """Tokens of sample text to generate after training (0 = none)."""
     output_dir: str = "./outputs"

@@ -20,11 +20,12 @@ from data import DataConfig, sample_indices
 from data.errors import DataError
 from data.training_data import TrainingData, open_training_data, prepare_sources
 from engine import distributed
-from engine.checkpoint import CheckpointManager
+from engine.checkpoint import CheckpointManager, latest_tag
 from engine.numerics import check_finite_step
 from engine.signals import StopController
 from engine.config import TrainingConfig
 from engine.errors import CheckpointError, TrainingError
+from engine.export import load_initial_weights
 from engine.faults import kill_point
 from engine.metrics import MetricsLogger, peak_memory_bytes
 from engine.param_groups import param_groups
@@ -100,6 +101,8 @@ class Trainer:
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=zero3):
             model = create_model(self.model_config.model_type, self.model_config)
         model.gradient_checkpointing = bool(self.training.activation_checkpointing is True)
+        if self.training.init_from and not (self.training.resume and latest_tag(self.training.checkpoint_dir)):
+            load_initial_weights(model, self.training.init_from, self.model_config)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, self.training.weight_decay), config=self.ds_config,
             lr_scheduler=warmup_cosine_scheduler(warmup_steps=self.training.warmup_steps,
