@@ -342,7 +342,13 @@ def train(run: RunConfig, plan, ds_config: dict, args: argparse.Namespace, world
             print(f"error: rank {os.environ.get('RANK', '?')} of {world_size} failed at step {trainer.step}: "
                   f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
         raise
+    from launcher.shutdown import RunOutcome, maybe_shut_down
+
+    outcome = RunOutcome(auto_shutdown=run.system.auto_shutdown, no_shutdown=args.no_shutdown, dry_run=False,
+                         succeeded=result.stop_reason is None, interrupted=result.stop_reason is not None,
+                         rank=int(os.environ.get("RANK", 0)))
     if result.stop_reason is not None:
+        maybe_shut_down(outcome, run.system.shutdown_delay)  # never shuts down here: says why on rank 0
         return report_stop(result, run.training.checkpoint_dir)
     if is_main_process():
         print(f"\nfinished {result.final_step} steps, {result.tokens_per_s:,.0f} tokens/s")
@@ -356,10 +362,8 @@ def train(run: RunConfig, plan, ds_config: dict, args: argparse.Namespace, world
         print(f"             {Path(result.best_model_path).resolve()}")
         print(f"             {Path(run.training.checkpoint_dir).resolve()}/checkpoint_step_{result.final_step} "
               f"(resumable DeepSpeed checkpoint)")
-        if run.system.auto_shutdown and not args.no_shutdown:
-            print("note: system.auto_shutdown is set, but automatic shutdown is not part of this release yet; "
-                  "the machine stays on.")
-    teardown_distributed()
+    teardown_distributed()  # its barrier: past this line every rank has finished
+    maybe_shut_down(outcome, run.system.shutdown_delay)
     return 0
 
 

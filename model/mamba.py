@@ -146,8 +146,8 @@ class MambaLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 eos_id: int | None = None) -> Tensor:
-        """Append up to max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy.
+                 eos_id: int | None = None, top_p: float | None = None) -> Tensor:
+        """Append up to max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy, top_k/top_p filter.
 
         The prompt runs once through the chunked scan; then each token is one recurrent step per layer, constant
         time and memory however long the sequence (there is no context window to slide). Rows that emitted
@@ -155,7 +155,7 @@ class MambaLM(nn.Module):
         """
         logits, states = self.prefill(idx)
         return decode(idx, logits[:, -1], lambda next_id, _: self.step(next_id[:, 0], states),
-                      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, eos_id=eos_id)
+                      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, eos_id=eos_id, top_p=top_p)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameters, a tied matrix counted once. exclude_embeddings drops the token-embedding table (tied, that
