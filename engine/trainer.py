@@ -21,9 +21,8 @@ from engine import distributed
 from engine.checkpoint import CheckpointManager
 from engine.config import TrainingConfig
 from engine.metrics import MetricsLogger, peak_memory_bytes
+from engine.model_setup import build_model
 from model import ModelConfig, create_model
-from model.compile import compile_blocks
-from model.registry import TRAINING_DTYPES, create_model_on
 
 # Primes that decorrelate the per-step RNG seeds of different runs, steps and ranks.
 _STEP_SEED_PRIME, _RANK_SEED_PRIME = 1_000_003, 7919
@@ -91,17 +90,10 @@ class Trainer:
             # flushing them made the CPU Mamba scan ~7x faster (shared/MACHINE_NOTES.md). GPUs flush already.
             torch.set_flush_denormal(True)
         torch.manual_seed(self.training.seed)
-        zero3 = self.ds_config.get("zero_optimization", {}).get("stage", 0) == 3
-        # Under ZeRO-3 each rank materialises only its partition of the weights while they are created.
-        device = get_accelerator().current_device_name()
-        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=zero3):
-            if not zero3 and device.startswith("cuda"):  # on the GPU in the training dtype: no host copy per rank
-                model = create_model_on(self.model_config.model_type, self.model_config, device=device,
-                                        dtype=TRAINING_DTYPES[self.training.precision])
-            else:
-                model = create_model(self.model_config.model_type, self.model_config)
-        if self.training.compile_blocks:
-            compile_blocks(model)
+        # ZeRO-3: partitioned while created; ZeRO 0-2 on CUDA: on the GPU in the training dtype (no host copy).
+        model = build_model(self.model_config, ds_config=self.ds_config, precision=self.training.precision,
+                            device=get_accelerator().current_device_name(),
+                            compiled=self.training.compile_blocks)
         model.gradient_checkpointing = bool(self.training.activation_checkpointing is True)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, self.training.weight_decay), config=self.ds_config)
