@@ -202,3 +202,40 @@ def time_contender(build: Callable[[], tuple[StepFn, Callable[[], None]]], batch
         gc.collect()
         if on_cuda:
             torch.cuda.empty_cache()
+
+
+def time_interleaved(builders: dict[str, Callable[[], tuple[StepFn, Callable[[], None]]]],
+                     batches: list[torch.Tensor], *, warmup: int, device: str,
+                     errors: dict[str, str]) -> dict[str, list[Timing]]:
+    """All contenders alive at once, timed one step each in turn (a, b, c, a, b, c, ...): on a shared machine a
+    burst of load then slows every contender alike, where whole runs in turn would hand it to one. One Timing per
+    step. Peak memory is not measured (the contenders share the allocator); that is what time_contender is for."""
+    on_cuda = device.startswith("cuda")
+    steps: dict[str, StepFn] = {}
+    cleanups: list[Callable[[], None]] = []
+    timings: dict[str, list[Timing]] = {}
+    try:
+        for name, build in builders.items():
+            try:
+                steps[name], cleanup = build()
+                cleanups.append(cleanup)
+                for batch in batches[:warmup]:
+                    steps[name](batch)
+            except Exception as error:  # a peer that fails must not hide the others
+                errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                steps.pop(name, None)
+        for batch in batches[warmup:]:
+            for name, step in steps.items():
+                if on_cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                loss = step(batch)
+                if on_cuda:
+                    torch.cuda.synchronize()
+                timings.setdefault(name, []).append(Timing(seconds=time.perf_counter() - start,
+                                                           tokens=batch.size(0) * (batch.size(1) - 1),
+                                                           peak_bytes=None, final_loss=float(loss)))
+    finally:
+        for cleanup in cleanups:
+            cleanup()
+    return timings

@@ -26,13 +26,13 @@ STEPS=${GPU_CHECK_STEPS:-5}
 declare -A STATUS
 
 echo "== 1/3 GPU parity tests (pytest -m gpu)"
-timeout 240 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -25
+timeout 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -25
 STATUS[tests]="$(tail -1 "$OUT/pytest_gpu.txt") (exit ${PIPESTATUS[0]})"
 
 echo "== 2/3 throughput, MFU and peak memory vs the plan (sequence 2048)"
 reports=()
 for preset in test_small 1b_transformer 1b_mamba; do
-    timeout 150 "$PY" tools/throughput.py --preset "$preset" --seq_len 2048 --steps "$STEPS" --warmup 2 \
+    timeout 120 "$PY" tools/throughput.py --preset "$preset" --seq_len 2048 --steps "$STEPS" --warmup 2 \
         --json "$OUT/$preset.json" 2>&1 | grep -v "^\[\|it/s\]\|s/it\]" | tee "$OUT/$preset.txt"
     code=${PIPESTATUS[0]}
     STATUS[$preset]="exit $code"
@@ -40,7 +40,7 @@ for preset in test_small 1b_transformer 1b_mamba; do
 done
 
 echo "== 3/3 quick start on the GPU: launcher/run.py --preset tiny (20 steps)"
-timeout 240 "$PY" launcher/run.py --preset tiny --set training.max_steps=20 --set training.eval_interval=20 \
+timeout 120 "$PY" launcher/run.py --preset tiny --set training.max_steps=20 --set training.eval_interval=20 \
     --set training.save_interval=20 --set training.warmup_steps=2 --set training.sample_tokens=20 \
     --set training.output_dir="$OUT/quickstart/outputs" --set training.checkpoint_dir="$OUT/quickstart/checkpoints" \
     > "$OUT/quickstart.txt" 2>&1

@@ -5,9 +5,10 @@ next to a plain PyTorch loop on the same model and transformers' model of the sa
                                [--micro_batch N] [--contenders deepspeed,plain,transformers] [--json out.json]
 
 The micro-batch is the memory plan's (as `launcher/run.py` would train) unless --micro_batch is given; one
-micro-step per optimizer step. All contenders train on the same random batches. Repeats run the contenders in
-turn (deepspeed, plain, transformers, deepspeed, ...) so that a busy machine slows them alike; the median and
-the spread are printed. MFU = model FLOPs per token (stated by each family, model/*_costs.py, attention counted
+micro-step per optimizer step. All contenders train on the same random batches. On CPU (where the machine may be
+shared) all contenders are alive at once and timed one step each in turn, so that a burst of load slows them alike;
+the median and spread are over steps. On GPU each contender is built, timed and freed in turn (its peak memory is
+its own), repeated --repeats times; median and spread are over repeats. MFU = model FLOPs per token (stated by each family, model/*_costs.py, attention counted
 as in PaLM appendix B) x tokens/s / the GPU's dense bf16 peak (launcher/gpu_specs.py); on CPU there is no MFU.
 Goals (issue 11): deepspeed >= 0.95x plain, and faster than transformers.
 """
@@ -47,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="auto: the preset's on GPU, fp32 on CPU")
     parser.add_argument("--contenders", default=",".join(CONTENDERS),
                         help=f"comma-separated subset of {', '.join(CONTENDERS)}")
+    parser.add_argument("--interleave", choices=("auto", "yes", "no"), default="auto",
+                        help="time the contenders one step each in turn, all alive at once (auto: on CPU, where the "
+                             "machine may be shared; on GPU whole runs in turn, so each peak memory is its own)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, as in launcher/run.py (repeatable)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
@@ -132,7 +136,7 @@ def markdown_table(reports: list[dict[str, Any]]) -> str:
             predicted = report["predicted_allocated_bytes"]
             pred = f"{predicted / gib:.2f}" if predicted is not None and name == "deepspeed" else ""
             ratio = f"{ours / t['median']:.2f}x" if ours and name != "deepspeed" else ""
-            rows.append(f"{head} {t['median']:,.0f} ({t['min']:,.0f}-{t['max']:,.0f}) | {r['tflops']:.2f} | {mfu} | "
+            rows.append(f"{head} {t['median']:,.0f} ({t['min']:,.0f}-{t['max']:,.0f}) | {r['tflops']:.3g} | {mfu} | "
                         f"{mem} | {pred} | {ratio} |")
     return "\n".join(rows)
 
@@ -144,7 +148,7 @@ def summary_line(report: dict[str, Any]) -> str:
     if "tokens_per_s" not in ours:
         return f"deepspeed failed: {ours.get('error', 'not run')}"
     parts = [f"{report['layout']}, {report['micro_batch']} x {report['seq_len']}: "
-             f"{ours['tokens_per_s']['median']:,.0f} tokens/s, {ours['tflops']:.1f} TFLOP/s"]
+             f"{ours['tokens_per_s']['median']:,.0f} tokens/s, {ours['tflops']:.3g} TFLOP/s"]
     if ours["mfu"] is not None:
         parts.append(f"MFU {100 * ours['mfu']:.1f}%")
     measured, predicted = ours["peak_memory_bytes"], report["predicted_allocated_bytes"]
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from engine.benchmark import (BenchSetup, deepspeed_contender, make_batches, plain_contender, time_contender,
-                                  transformers_contender)
+                                  time_interleaved, transformers_contender)
     from launcher.config import ConfigError
     from launcher.ds_config import build_ds_config
     from launcher.gpu_specs import peak_tflops
@@ -212,8 +216,15 @@ def main(argv: list[str] | None = None) -> int:
 
     timings: dict[str, list] = {name: [] for name in contenders}
     errors: dict[str, str] = {}
-    with tqdm(total=args.repeats * len(contenders), desc="timing", file=sys.stderr) as bar:
-        for _ in range(args.repeats):
+    interleave = args.interleave == "yes" or (args.interleave == "auto" and not on_cuda)
+    if interleave:
+        for _ in tqdm(range(args.repeats), desc="timing (interleaved)", file=sys.stderr):
+            for name, runs in time_interleaved({name: builders[name] for name in contenders if name not in errors},
+                                               batches, warmup=args.warmup, device=device, errors=errors).items():
+                timings[name] += runs
+    with tqdm(total=0 if interleave else args.repeats * len(contenders), desc="timing", file=sys.stderr,
+              disable=interleave) as bar:
+        for _ in range(0 if interleave else args.repeats):
             for name in contenders:
                 if name in errors:
                     bar.update(1)
@@ -245,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         "preset": args.preset, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name, "torch": torch.__version__, "precision": run.training.precision,
         "seq_len": seq_len, "micro_batch": micro_batch, "steps": args.steps, "warmup": args.warmup,
-        "repeats": args.repeats, "layout": f"ZeRO-{plan.zero_stage}" + (" +ckpt" if plan.activation_checkpointing else ""),
+        "repeats": args.repeats, "interleaved": interleave, "layout": f"ZeRO-{plan.zero_stage}" + (" +ckpt" if plan.activation_checkpointing else ""),
         "num_params": plan.memory.num_params if plan.memory else None, "flops_per_token": flops_per_token,
         "peak_tflops": peak, "predicted_allocated_bytes": predicted if on_cuda else None,
         "results": results, "ratios": ratios, "errors": errors,
@@ -269,7 +280,8 @@ def render(report: dict[str, Any]) -> str:
     lines = [f"{report['preset']}: {report['num_params']:,} parameters, {report['precision']}, {report['layout']}, "
              f"micro-batch {report['micro_batch']} x {report['seq_len']} tokens, {report['steps']} timed steps "
              f"after {report['warmup']}, {report['repeats']} repeat(s); {report['device']}; "
-             f"{report['flops_per_token'] / 1e9:.3f} GFLOP per token",
+             f"{report['flops_per_token'] / 1e9:.3f} GFLOP per token"
+             + ("; interleaved steps (tokens/s per step)" if report.get("interleaved") else ""),
              f"{'contender':<14}{'tokens/s (median)':>19}{'spread':>22}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}"
              f"{'loss':>8}"]
     for name, r in report["results"].items():
@@ -280,7 +292,7 @@ def render(report: dict[str, Any]) -> str:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         mem = f"{r['peak_memory_bytes'] / gib:.2f}" if r["peak_memory_bytes"] is not None else "n/a"
         spread = f"{t['min']:,.0f}-{t['max']:,.0f}"
-        lines.append(f"{name:<14}{t['median']:>19,.0f}{spread:>22}{r['tflops']:>10.3f}"
+        lines.append(f"{name:<14}{t['median']:>19,.0f}{spread:>22}{r['tflops']:>10.3g}"
                      f"{mfu:>8}{mem:>10}{r['final_loss']:>8.3f}")
     predicted = report["predicted_allocated_bytes"]
     if predicted is not None:

@@ -29,7 +29,7 @@ def test_all_contenders_train_the_same_problem(report):
     data, _ = report
     assert set(data["results"]) == {"deepspeed", "plain", "transformers"}, data["errors"]
     for name, result in data["results"].items():
-        assert result["tokens_per_s"]["median"] > 0 and len(result["runs"]) == 1
+        assert result["tokens_per_s"]["median"] > 0 and len(result["runs"]) == 2  # interleaved on CPU: per step
         # After 3 steps from a random start every model still predicts ~uniformly over the vocabulary.
         assert abs(result["final_loss"] - math.log(8192)) < 0.5, name
         assert result["mfu"] is None and result["peak_memory_bytes"] is None  # no GPU
@@ -40,6 +40,15 @@ def test_all_contenders_train_the_same_problem(report):
     assert set(data["ratios"]) == {"deepspeed/plain", "deepspeed/transformers"}
     ours = data["results"]["deepspeed"]["tokens_per_s"]["median"]
     assert data["ratios"]["deepspeed/plain"] == pytest.approx(ours / data["results"]["plain"]["tokens_per_s"]["median"])
+
+
+def test_whole_runs_in_turn_as_on_gpu(tmp_path, process_group):
+    path = tmp_path / "plain.json"
+    overrides = [arg for item in SMALL_MODEL for arg in ("--set", item)]
+    assert throughput.main(["--preset", "tiny", "--steps", "1", "--warmup", "0", "--micro_batch", "1", "--repeats",
+                            "2", "--interleave", "no", "--contenders", "plain", "--json", str(path), *overrides]) == 0
+    data = json.loads(path.read_text())
+    assert not data["interleaved"] and len(data["results"]["plain"]["runs"]) == 2 and data["ratios"] == {}
 
 
 def test_markdown_table_and_summary(report, capsys):
