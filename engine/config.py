@@ -69,6 +69,8 @@ class TrainingConfig(BaseModel):
     """CPU offload: 'none', 'optimizer' (DeepSpeedCPUAdam), 'optimizer+params' (ZeRO-3 only), or 'auto'."""
     activation_checkpointing: bool | Literal["auto"] = "auto"
     """Recompute block activations in the backward pass to save memory ('auto' = only if needed to fit)."""
+    compile_blocks: bool = False
+    """torch.compile each model block (model/compile.py): faster on GPU after a one-off compile; off on CPU."""
     eval_interval: int = 1000
     """Evaluate on the validation split every this many steps (and at the end)."""
     eval_batches: int = 20

@@ -30,6 +30,7 @@ from engine.faults import kill_point
 from engine.metrics import MetricsLogger, peak_memory_bytes
 from engine.param_groups import param_groups
 from engine.schedule import warmup_cosine_scheduler
+from engine.model_setup import build_model
 from model import ModelConfig, create_model
 
 # Primes that decorrelate the per-step RNG seeds of different runs, steps and ranks.
@@ -96,10 +97,10 @@ class Trainer:
             # flushing them made the CPU Mamba scan ~7x faster (shared/MACHINE_NOTES.md). GPUs flush already.
             torch.set_flush_denormal(True)
         torch.manual_seed(self.training.seed)
-        zero3 = self.ds_config.get("zero_optimization", {}).get("stage", 0) == 3
-        # Under ZeRO-3 each rank materialises only its partition of the weights while they are created.
-        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=zero3):
-            model = create_model(self.model_config.model_type, self.model_config)
+        # ZeRO-3: partitioned while created; ZeRO 0-2 on CUDA: on the GPU in the training dtype (no host copy).
+        model = build_model(self.model_config, ds_config=self.ds_config, precision=self.training.precision,
+                            device=get_accelerator().current_device_name(),
+                            compiled=self.training.compile_blocks)
         model.gradient_checkpointing = bool(self.training.activation_checkpointing is True)
         if self.training.init_from and not (self.training.resume and latest_tag(self.training.checkpoint_dir)):
             load_initial_weights(model, self.training.init_from, self.model_config)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
+from model.losses import chunked_linear_cross_entropy, use_chunked_loss
 from model.mamba_mixers import Mamba1Mixer, Mamba2Mixer, MixerState, RMSNorm
 from model.partitioned_init import gathered_for_init
 from model.sampling import decode
@@ -104,12 +105,16 @@ class MambaLM(nn.Module):
         return self.lm_head(h.to(self.lm_head.weight.dtype))
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Logits (B, T, V) for idx (B, T); with targets (B, T), also the mean cross-entropy over all positions."""
+        """Logits (B, T, V) for idx (B, T); with targets (B, T), also the mean cross-entropy over all positions.
+        On CUDA with targets the loss is chunked (model/losses.py) and the logits, never built whole, are None."""
         h = self.backbone.embedding(idx).float()  # (B, T, C) fp32 residual stream
         use_checkpoint = self.gradient_checkpointing and self.training
         for block in self.backbone.layers:
             # Non-reentrant: works with ZeRO-3's parameter hooks and keeps dropout masks (RNG is restored).
             h = checkpoint(block, h, use_reentrant=False) if use_checkpoint else block(h)  # (B, T, C)
+        if targets is not None and use_chunked_loss(self.lm_head.weight):  # CUDA: logits never built whole
+            hidden = self.backbone.norm_f(h).to(self.lm_head.weight.dtype)  # (B, T, C)
+            return None, chunked_linear_cross_entropy(hidden, self.lm_head.weight, targets)
         logits = self._logits(h)  # (B, T, V)
         loss = None
         if targets is not None:
