@@ -20,15 +20,17 @@ from data import DataConfig, sample_indices
 from data.errors import DataError
 from data.training_data import TrainingData, open_training_data, prepare_sources
 from engine import distributed
-from engine.checkpoint import CheckpointManager
+from engine.checkpoint import CheckpointManager, latest_tag
 from engine.numerics import check_finite_step
 from engine.signals import StopController
 from engine.config import TrainingConfig
 from engine.errors import CheckpointError, TrainingError
+from engine.export import load_initial_weights
 from engine.faults import kill_point
 from engine.metrics import MetricsLogger, peak_memory_bytes
 from engine.param_groups import param_groups
 from engine.schedule import warmup_cosine_scheduler
+from engine.model_setup import build_model
 from model import ModelConfig, create_model
 
 # Primes that decorrelate the per-step RNG seeds of different runs, steps and ranks.
@@ -95,11 +97,13 @@ class Trainer:
             # flushing them made the CPU Mamba scan ~7x faster (shared/MACHINE_NOTES.md). GPUs flush already.
             torch.set_flush_denormal(True)
         torch.manual_seed(self.training.seed)
-        zero3 = self.ds_config.get("zero_optimization", {}).get("stage", 0) == 3
-        # Under ZeRO-3 each rank materialises only its partition of the weights while they are created.
-        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=zero3):
-            model = create_model(self.model_config.model_type, self.model_config)
+        # ZeRO-3: partitioned while created; ZeRO 0-2 on CUDA: on the GPU in the training dtype (no host copy).
+        model = build_model(self.model_config, ds_config=self.ds_config, precision=self.training.precision,
+                            device=get_accelerator().current_device_name(),
+                            compiled=self.training.compile_blocks)
         model.gradient_checkpointing = bool(self.training.activation_checkpointing is True)
+        if self.training.init_from and not (self.training.resume and latest_tag(self.training.checkpoint_dir)):
+            load_initial_weights(model, self.training.init_from, self.model_config)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, self.training.weight_decay), config=self.ds_config,
             lr_scheduler=warmup_cosine_scheduler(warmup_steps=self.training.warmup_steps,

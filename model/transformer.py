@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
+from model.losses import chunked_linear_cross_entropy, use_chunked_loss
 from model.partitioned_init import gathered_for_init
 from model.sampling import decode
 
@@ -214,8 +215,12 @@ class Transformer(nn.Module):
         return self.norm(x)  # (B, T, C)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Logits (B, T, V) for idx (B, T); with targets (B, T), also the mean cross-entropy over all positions."""
-        logits = self.lm_head(self._hidden(idx))  # (B, T, V)
+        """Logits (B, T, V) for idx (B, T); with targets (B, T), also the mean cross-entropy over all positions.
+        On CUDA with targets the loss is chunked (model/losses.py) and the logits, never built whole, are None."""
+        hidden = self._hidden(idx)  # (B, T, C)
+        if targets is not None and use_chunked_loss(self.lm_head.weight):
+            return None, chunked_linear_cross_entropy(hidden, self.lm_head.weight, targets)
+        logits = self.lm_head(hidden)  # (B, T, V)
         loss = None
         if targets is not None:
             # fp32 loss: a bf16 log-softmax over 32k classes loses ~2 digits of the loss.
