@@ -18,6 +18,7 @@ from data.mixture import MixtureSampler
 from data.prepare import PreparedData, prepare_data
 from data.preprocess import TOKENIZER_FILE, PreprocessOptions, preprocess, read_shard_set_meta
 from data.sampler import TokenWindows
+from data.shard_checks import open_checked_shard
 from data.shards import TokenShardReader
 from data.sources import resolve_source
 from data.tokenizer import Tokenizer, tokenizer_sha256
@@ -101,8 +102,8 @@ def _existing_tokenizer(config: DataConfig) -> Path | None:
     return None
 
 
-def _readers(folder: Path, names: list[str]) -> list[TokenShardReader]:
-    return [TokenShardReader(folder / name) for name in names]
+def _readers(folder: Path, names: list[str], vocab_size: int) -> list[TokenShardReader]:
+    return [open_checked_shard(folder / name, vocab_size=vocab_size) for name in names]
 
 
 def open_training_data(config: DataConfig, *, vocab_size: int, seq_len: int, seed: int) -> TrainingData:
@@ -111,8 +112,10 @@ def open_training_data(config: DataConfig, *, vocab_size: int, seq_len: int, see
         prepared = prepare_data(config, vocab_size=vocab_size, progress=False)
         source = SourceData(
             name=config.dataset, weight=1.0,
-            train=TokenWindows(TokenShardReader(prepared.train_prefix).tokens, seq_len, seed=seed),
-            val=TokenWindows(TokenShardReader(prepared.val_prefix).tokens, seq_len, seed=seed, shuffle=False))
+            train=TokenWindows(open_checked_shard(prepared.train_prefix, vocab_size=vocab_size,
+                                                  min_tokens=seq_len + 1).tokens, seq_len, seed=seed),
+            val=TokenWindows(open_checked_shard(prepared.val_prefix, vocab_size=vocab_size,
+                                                min_tokens=seq_len + 1).tokens, seq_len, seed=seed, shuffle=False))
         return TrainingData(tokenizer=Tokenizer(prepared.tokenizer_path), sources=[source],
                             mixture=MixtureSampler([1.0], [source.name]), prepared=prepared)
 
@@ -130,7 +133,7 @@ def open_training_data(config: DataConfig, *, vocab_size: int, seq_len: int, see
             folder = _prepared_folder(config, source, vocab_size)
         try:
             sources.append(_open_source(source, folder, expected_hash, tokenizer_path, seq_len=seq_len, seed=seed,
-                                        index=index))
+                                        index=index, vocab_size=vocab_size))
         except ValueError as err:
             if isinstance(err, DataError):
                 raise
@@ -141,11 +144,11 @@ def open_training_data(config: DataConfig, *, vocab_size: int, seq_len: int, see
 
 
 def _open_source(source: DataSourceConfig, folder: Path | None, expected_hash: str, tokenizer_path: Path, *,
-                 seq_len: int, seed: int, index: int) -> SourceData:
+                 seq_len: int, seed: int, index: int, vocab_size: int) -> SourceData:
     # Each source gets its own shuffle seed, so two sources of equal size are not visited in lockstep.
     source_seed = seed + 7919 * index
     if folder is None:  # a Megatron/GPT-NeoX prefix made elsewhere: no tokenizer record, no validation split
-        tokens = TokenShardReader(source.path).tokens
+        tokens = open_checked_shard(source.path, vocab_size=vocab_size, min_tokens=seq_len + 1).tokens
         return SourceData(name=source.display_name, weight=source.weight,
                           train=TokenWindows(tokens, seq_len, seed=source_seed), val=None)
     meta = read_shard_set_meta(folder)
@@ -157,8 +160,8 @@ def _open_source(source: DataSourceConfig, folder: Path | None, expected_hash: s
                         f"{str(meta.get('tokenizer_sha256'))[:12]}..., this run uses {tokenizer_path} with "
                         f"{expected_hash[:12]}...): re-preprocess it with --tokenizer {tokenizer_path}, or set "
                         "data.tokenizer to the one it was made with")
-    train = [reader.tokens for reader in _readers(folder, meta["train_shards"])]
-    val = [reader.tokens for reader in _readers(folder, meta["val_shards"])]
+    train = [reader.tokens for reader in _readers(folder, meta["train_shards"], vocab_size)]
+    val = [reader.tokens for reader in _readers(folder, meta["val_shards"], vocab_size)]
     val_windows = None
     if sum(max(0, (len(part) - 1) // seq_len) for part in val) > 0:
         val_windows = TokenWindows(val, seq_len, seed=source_seed, shuffle=False)
