@@ -71,10 +71,10 @@ def print_models() -> None:
 
 
 def print_datasets() -> None:
-    from data import list_corpora
+    from data.catalog import format_catalog
 
-    for line in list_corpora():
-        print(line)
+    print("\n".join(format_catalog()))
+    print("\nrecommend a mixture: python tools/list_datasets.py --recommend 1B [--lang en|zh|mix]")
 
 
 def launched_by_deepspeed() -> bool:
@@ -342,13 +342,19 @@ def train(run: RunConfig, plan, ds_config: dict, args: argparse.Namespace, world
             print(f"error: rank {os.environ.get('RANK', '?')} of {world_size} failed at step {trainer.step}: "
                   f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
         raise
+    from launcher.shutdown import RunOutcome, maybe_shut_down
+
+    outcome = RunOutcome(auto_shutdown=run.system.auto_shutdown, no_shutdown=args.no_shutdown, dry_run=False,
+                         succeeded=result.stop_reason is None, interrupted=result.stop_reason is not None,
+                         rank=int(os.environ.get("RANK", 0)))
     if result.stop_reason is not None:
+        maybe_shut_down(outcome, run.system.shutdown_delay)  # never shuts down here: says why on rank 0
         return report_stop(result, run.training.checkpoint_dir)
     if is_main_process():
-        baseline = unigram_cross_entropy(trainer.prepared)
         print(f"\nfinished {result.final_step} steps, {result.tokens_per_s:,.0f} tokens/s")
-        print(f"validation loss {result.final_val_loss:.4f} (best {result.best_val_loss:.4f}); "
-              f"unigram baseline {baseline:.4f}")
+        # The unigram baseline is computed for the single catalog corpus (trainer.prepared is None for a mixture).
+        baseline = f"; unigram baseline {unigram_cross_entropy(trainer.prepared):.4f}" if trainer.prepared else ""
+        print(f"validation loss {result.final_val_loss:.4f} (best {result.best_val_loss:.4f}){baseline}")
         if run.training.sample_tokens > 0:
             sample = trainer.sample_text(result.final_model_path, "ROMEO:", max_new_tokens=run.training.sample_tokens)
             print(f"\n--- sample ---\n{sample}\n--------------")
@@ -356,10 +362,8 @@ def train(run: RunConfig, plan, ds_config: dict, args: argparse.Namespace, world
         print(f"             {Path(result.best_model_path).resolve()}")
         print(f"             {Path(run.training.checkpoint_dir).resolve()}/checkpoint_step_{result.final_step} "
               f"(resumable DeepSpeed checkpoint)")
-        if run.system.auto_shutdown and not args.no_shutdown:
-            print("note: system.auto_shutdown is set, but automatic shutdown is not part of this release yet; "
-                  "the machine stays on.")
-    teardown_distributed()
+    teardown_distributed()  # its barrier: past this line every rank has finished
+    maybe_shut_down(outcome, run.system.shutdown_delay)
     return 0
 
 

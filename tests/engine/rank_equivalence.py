@@ -58,6 +58,8 @@ def train_and_save(data_cache: str, out_dir: Path, micro_batch: int, accum: int,
         torch.distributed.all_gather_object(everyone, [i for micro in read for i in micro])
         samples.append(sorted(i for rank_read in everyone for i in rank_read))
         trainer.step += 1
+    val_loss = trainer.evaluate()  # a collective: every rank takes part
+    val_tokens = sum(tokens for _, tokens in trainer.last_eval.values())
     weights = gather_fp32_state_dict(trainer.engine.module)  # a collective under ZeRO-3
     # What the exports use: the same collectives, but only rank 0 keeps a copy.
     exported = gather_fp32_state_dict(trainer.engine.module, trainer.engine.optimizer, main_process_only=True)
@@ -67,8 +69,8 @@ def train_and_save(data_cache: str, out_dir: Path, micro_batch: int, accum: int,
         assert exported == {}, "a rank other than 0 kept a copy of the weights"
     path = out_dir / f"{tag}.pt"
     if distributed.is_main_process():
-        torch.save({"weights": weights, "losses": losses, "grad_norms": grad_norms, "samples": samples},
-                   path)
+        torch.save({"weights": weights, "losses": losses, "grad_norms": grad_norms, "samples": samples,
+                    "val_loss": val_loss, "val_tokens": val_tokens}, path)
     trainer.engine.destroy()
     distributed.barrier()
     return path

@@ -49,6 +49,9 @@ def test_two_ranks_match_one_rank_at_the_same_global_batch(two_rank_results, dat
     assert one["losses"] == pytest.approx(two["losses"], rel=1e-5)
     assert one["grad_norms"] == pytest.approx(two["grad_norms"], rel=1e-4)  # before clipping: 1/N factors show
     assert one["losses"][-1] < one["losses"][0] - 0.1  # a real learning rate: the steps changed the model
+    if micro_batch == 4:  # 1 rank x 4 rows = 2 ranks x 2 rows: the same eval windows, so the same figure
+        assert one["val_tokens"] == two["val_tokens"]
+        assert one["val_loss"] == pytest.approx(two["val_loss"], rel=1e-4)
     assert one["weights"].keys() == two["weights"].keys()
     for name, weight in one["weights"].items():
         # Adam divides by sqrt(v): where a gradient is ~0, fp32 reduction-order noise becomes a visible update
