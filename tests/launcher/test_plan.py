@@ -54,10 +54,11 @@ def test_automatic_micro_batch_is_the_largest_power_of_two_that_fits_and_accumul
 
 def test_7b_transformer_on_four_24gb_gpus_needs_offload():
     plan, _ = plan_for("7b_transformer", 4, "24GB", host=512 * GIB)
-    # The figures docs/memory.md states for this claim ("ZeRO-2 + optimizer offload + checkpointing 19.7 GiB/GPU").
+    # The figures docs/memory.md states for this claim ("ZeRO-2 + optimizer offload + checkpointing ... 22.0 GiB at
+    # micro-batch 2, the plan's choice").
     assert (plan.zero_stage, plan.offload, plan.activation_checkpointing) == (2, "optimizer", True)
-    assert (plan.micro_batch, plan.grad_accum) == (1, 256)
-    assert round(plan.memory.gpu_total / GIB, 1) == 19.7
+    assert (plan.micro_batch, plan.grad_accum) == (2, 128)
+    assert round(plan.memory.gpu_total / GIB, 1) == 22.0
     assert plan.memory.gpu_total <= 24 * GIB * 0.95
     no_offload = [c for c in plan.candidates if c.offload == "none"]
     assert no_offload and not any(c.fits for c in no_offload)  # 20 bytes/parameter over 4 ranks alone is 31 GiB
@@ -185,7 +186,8 @@ def test_fused_ssm_kernels_are_judged_for_the_mixer_being_trained(monkeypatch):
     triton_only = {name: object() for name in ("mamba_split_conv1d_scan_combined", "mamba_chunk_scan_combined",
                                                "rmsnorm_fn", "causal_conv1d_fn")}
     monkeypatch.setattr(ssm_ops, "_load_kernels", lambda: triton_only)
-    monkeypatch.setattr(ssm_ops, "_failures", {"selective_scan_fn": "no nvcc build"}, raising=False)
+    monkeypatch.setattr(ssm_ops, "_failures", {name: "no nvcc build" for name in ssm_ops._KERNEL_SOURCES},
+                        raising=False)
     gpus = [GpuInfo(index=0, name="H200", free_bytes=139 * GIB, total_bytes=141 * GIB)]
     assert memory_budget(1, gpus=gpus, host_bytes=64 * GIB, ssm_type="mamba2").fused_ssm_kernels
     assert not memory_budget(1, gpus=gpus, host_bytes=64 * GIB, ssm_type="mamba1").fused_ssm_kernels

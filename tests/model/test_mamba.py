@@ -340,7 +340,7 @@ def test_fused_ops_report_a_reason_when_unavailable():
     # What each mixer's training path calls (model/mamba_mixers.py), listed here independently of ssm_ops.
     needs = {"mamba2": {"mamba_split_conv1d_scan_combined", "mamba_chunk_scan_combined", "rmsnorm_fn",
                         "causal_conv1d_fn"},
-             "mamba1": {"selective_scan_fn", "causal_conv1d_fn"}}
+             "mamba1": {"mamba_inner_fn", "selective_scan_fn", "causal_conv1d_fn"}}
     report = fused_ops_report()
     for ssm_type, kernels in needs.items():
         ok, why = fused_ops_status(ssm_type)
