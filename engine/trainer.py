@@ -142,7 +142,8 @@ class Trainer:
         stopper.install()
         try:
             while self.step < cfg.max_steps:
-                metrics = self.train_step()
+                with stopper.stepping():
+                    metrics = self.train_step()
                 self.step += 1
                 check_finite_step(self.step, metrics, cfg, fp16=cfg.fp16)
                 logger.log_step(self.step, metrics, write=self.step % cfg.log_interval == 0)
