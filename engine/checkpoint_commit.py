@@ -26,7 +26,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from engine import distributed
+from engine import distributed, universal
 from engine.errors import CheckpointError, UnsafeCheckpointError
 from engine.faults import kill_point, wrap_deepspeed_saves
 from engine.safe_load import verify_folder
@@ -260,7 +260,10 @@ class CheckpointCommitter:
                     print(f"warning: checkpoint {folder} is damaged ({problem}); falling back to the previous "
                           "complete checkpoint", file=sys.stderr, flush=True)
                 continue
-            path, client_state = engine.load_checkpoint(str(self.checkpoint_dir), tag=folder.name)
+            if universal.needs_universal(folder, distributed.world_size()):  # saved by another number of ranks
+                path, client_state = universal.load_universal(engine, self.checkpoint_dir, folder.name)
+            else:
+                path, client_state = engine.load_checkpoint(str(self.checkpoint_dir), tag=folder.name)
             if path is None:
                 raise CheckpointError(f"DeepSpeed could not load checkpoint {folder}: move it away to resume from "
                                       "the one before, or set training.checkpoint_dir to a new folder")

@@ -69,6 +69,8 @@ class TrainingConfig(BaseModel):
     """CPU offload: 'none', 'optimizer' (DeepSpeedCPUAdam), 'optimizer+params' (ZeRO-3 only), or 'auto'."""
     activation_checkpointing: bool | Literal["auto"] = "auto"
     """Recompute block activations in the backward pass to save memory ('auto' = only if needed to fit)."""
+    compile_blocks: bool = False
+    """torch.compile each model block (model/compile.py): faster on GPU after a one-off compile; off on CPU."""
     eval_interval: int = 1000
     """Evaluate on the validation split every this many steps (and at the end)."""
     eval_batches: int = 20
@@ -83,6 +85,9 @@ class TrainingConfig(BaseModel):
     """Seed of initialisation and data order."""
     resume: bool = True
     """Resume from the latest checkpoint in checkpoint_dir if there is one."""
+    init_from: str | None = None
+    """Start a new run from the weights of this original-format .pt (e.g. a model imported with
+    tools/convert_checkpoint.py --from_hf) instead of a random initialisation; a resume takes precedence."""
     sample_tokens: int = 120
     """Tokens of sample text to generate after training (0 = none)."""
     output_dir: str = "./outputs"
