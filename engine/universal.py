@@ -51,7 +51,7 @@ def universal_load_tag(tag: str) -> str:
     return f"{tag}/{UNIVERSAL_SUBDIR}"
 
 
-def ensure_universal(folder: str | Path, *, progress: bool = True) -> Path:
+def ensure_universal(folder: str | Path) -> Path:
     """Convert the DeepSpeed checkpoint `folder` to `folder/universal` unless that exists; returns it.
 
     Single process (rank 0 only): ds_to_universal runs its extract and merge passes in this process when given
@@ -93,7 +93,11 @@ def load_universal(engine, checkpoint_dir: str | Path, tag: str):
 
     folder = Path(checkpoint_dir) / tag
     if distributed.is_main_process():
-        ensure_universal(folder, progress=True)
+        done = universal_folder(folder).is_dir()
+        print(f"{tag} was saved by {saved_world_size(folder)} ranks, this run has {distributed.world_size()}: "
+              f"{'loading its' if done else 'converting it to'} DeepSpeed universal checkpoint "
+              f"{universal_folder(folder)}", flush=True)
+        ensure_universal(folder)
     distributed.barrier()
     # `checkpoint.load_universal` is read only inside load_checkpoint (deepspeed/runtime/engine.py and the ZeRO
     # optimizers' load_state_dict), so switching it on for this one load is the ds_config setting
