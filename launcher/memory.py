@@ -2,7 +2,7 @@
 
 Model states follow what DeepSpeed 0.19.8 allocates (runtime/zero/stage_1_and_2.py, stage3.py, fp16 and bf16
 optimizers), checked against the tensors a real engine holds (tests/launcher/test_memory.py) and against DeepSpeed's
-own estimators; activations follow launcher/model_sizes.py. Two moments compete for the peak:
+own estimators; activations are stated by each model family (model/*_costs.py, via launcher/model_sizes.py). Two moments compete for the peak:
 - forward/backward: weights, gradient storage, optimizer states, saved activations, logits, buckets;
 - optimizer step: weights, gradients plus the fp32 copy Adam reads, optimizer states.
 The peak of the two, plus a fragmentation allowance and the CUDA context, is the prediction.
@@ -278,6 +278,9 @@ class MemoryEstimate:
     """Which moment of a step holds the most memory."""
     cpu_total: int
     """Host RAM of this rank: process overhead, the model as built before DeepSpeed takes it, offloaded states."""
+    export_host: int
+    """Host RAM rank 0 adds while it writes final_model.pt / best_model.pt: the full fp32 weights, 4 bytes per
+    parameter (engine/checkpoint.py gathers them on rank 0 only; the other ranks hold one tensor at a time)."""
     model_states: ModelStateBytes
     """The model-state detail the GPU components come from."""
     num_params: int
@@ -294,6 +297,11 @@ class MemoryEstimate:
     @property
     def gpu_total(self) -> int:
         return self.allocated + self.fragmentation + self.cuda_context
+
+    @property
+    def node_host_total(self) -> int:
+        """Host RAM of the node with rank 0: every local rank's cpu_total plus the export copy."""
+        return self.layout.local_ranks * self.cpu_total + self.export_host
 
 
 def activation_bytes(model: ModelConfig, layout: Layout) -> int:
@@ -319,8 +327,9 @@ def estimate_memory(model: ModelConfig, layout: Layout) -> MemoryEstimate:
     states = model_state_bytes(stats.total, layout, largest_tensor=largest, persistent=persistent)
     comm = communication_bytes(stats.total, layout, largest_tensor=largest, persistent=persistent)
     acts = activation_bytes(model, layout)
-    logits = layout.micro_batch * layout.seq_len * model_sizes.logits_bytes_per_token(
-        model, DTYPE_BYTES[layout.precision])
+    # model/losses.py: the chunked loss runs on CUDA except under ZeRO-3 (use_chunked_loss).
+    logits = model_sizes.logits_bytes(model, DTYPE_BYTES[layout.precision],
+                                      tokens=layout.micro_batch * layout.seq_len, chunked=layout.on_cuda and not zero3)
     optimizer = states.master_weights + states.optimizer_states
     backward = dict(parameters=states.weights + states.persistent_weights + states.gathered_weights,
                     gradients=states.backward_gradients + states.gathered_gradients, optimizer_states=optimizer,
@@ -331,10 +340,11 @@ def estimate_memory(model: ModelConfig, layout: Layout) -> MemoryEstimate:
                 if zero3 else 0)
     moment, parts = max((("backward", backward), ("optimizer step", step)), key=lambda item: sum(item[1].values()))
     allocated = sum(parts.values())
-    # Host: every rank first builds the whole model in fp32 on the CPU; under ZeRO-3 the trainer builds it inside
-    # deepspeed.zero.Init, which partitions each layer as it is created (DeepSpeed's zero_init estimate: 4 x largest).
-    built = (stats.largest_tensor if zero3 else stats.total) * 4
+    # Host: under ZeRO-3 the trainer builds the model inside deepspeed.zero.Init, which partitions each layer as it
+    # is created (DeepSpeed's zero_init estimate: 4 x largest). ZeRO 0-2 on CUDA build it directly on the GPU in the
+    # training dtype (model.registry.create_model_on), so no host copy; CPU ranks build it in fp32 in host RAM.
+    built = stats.largest_tensor * 4 if zero3 else 0 if layout.on_cuda else stats.total * 4
     cpu = CPU_PROCESS_BYTES + int(max(built, states.cpu) * (CPU_BUFFER_FACTOR if states.cpu else 1))
     return MemoryEstimate(**parts, fragmentation=int(allocated * FRAGMENTATION_FRACTION),
                           cuda_context=CUDA_CONTEXT_BYTES if layout.on_cuda else 0, peak_moment=moment,
-                          cpu_total=cpu, model_states=states, num_params=stats.total, layout=layout)
+                          cpu_total=cpu, export_host=4 * stats.total, model_states=states, num_params=stats.total, layout=layout)

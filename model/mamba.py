@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
+from model.losses import chunked_linear_cross_entropy, use_chunked_loss
 from model.mamba_mixers import Mamba1Mixer, Mamba2Mixer, MixerState, RMSNorm
 from model.partitioned_init import gathered_for_init
 from model.sampling import decode
@@ -104,12 +105,16 @@ class MambaLM(nn.Module):
         return self.lm_head(h.to(self.lm_head.weight.dtype))
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Logits (B, T, V) for idx (B, T); with targets (B, T), also the mean cross-entropy over all positions."""
+        """Logits (B, T, V) for idx (B, T); with targets (B, T), also the mean cross-entropy over all positions.
+        On CUDA with targets the loss is chunked (model/losses.py) and the logits, never built whole, are None."""
         h = self.backbone.embedding(idx).float()  # (B, T, C) fp32 residual stream
         use_checkpoint = self.gradient_checkpointing and self.training
         for block in self.backbone.layers:
             # Non-reentrant: works with ZeRO-3's parameter hooks and keeps dropout masks (RNG is restored).
             h = checkpoint(block, h, use_reentrant=False) if use_checkpoint else block(h)  # (B, T, C)
+        if targets is not None and use_chunked_loss(self.lm_head.weight):  # CUDA: logits never built whole
+            hidden = self.backbone.norm_f(h).to(self.lm_head.weight.dtype)  # (B, T, C)
+            return None, chunked_linear_cross_entropy(hidden, self.lm_head.weight, targets)
         logits = self._logits(h)  # (B, T, V)
         loss = None
         if targets is not None:
@@ -146,8 +151,8 @@ class MambaLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 eos_id: int | None = None) -> Tensor:
-        """Append up to max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy.
+                 eos_id: int | None = None, top_p: float | None = None) -> Tensor:
+        """Append up to max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy, top_k/top_p filter.
 
         The prompt runs once through the chunked scan; then each token is one recurrent step per layer, constant
         time and memory however long the sequence (there is no context window to slide). Rows that emitted
@@ -155,7 +160,7 @@ class MambaLM(nn.Module):
         """
         logits, states = self.prefill(idx)
         return decode(idx, logits[:, -1], lambda next_id, _: self.step(next_id[:, 0], states),
-                      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, eos_id=eos_id)
+                      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, eos_id=eos_id, top_p=top_p)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameters, a tied matrix counted once. exclude_embeddings drops the token-embedding table (tied, that

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from model.config import ModelConfig
 from model.selective_scan import selective_scan
 from model.ssd_scan import mamba_split_conv1d_scan_combined, ssd_chunk_scan
-from model.ssm_ops import (causal_conv1d, causal_conv1d_update, conv_state_from_inputs, rmsnorm_gated,
-                           selective_state_update)
+from model.ssm_ops import (causal_conv1d, causal_conv1d_update, conv_state_from_inputs, fused_kernel, rmsnorm_gated,
+                           selective_state_update, use_fused)
 
 # Initial step sizes are log-uniform in [DT_MIN, DT_MAX], floored at DT_FLOOR (mamba-ssm defaults; Gu & Dao 2023,
 # section 3.6 and Appendix: dt in [0.001, 0.1]).
@@ -179,7 +179,7 @@ class Mamba1Mixer(nn.Module):
         self.D = nn.Parameter(torch.empty(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, config.d_model, bias=False)
         _no_weight_decay(self.A_log, self.D, self.dt_proj.bias)
-        register_zero3_external_parameters(self, [self.conv1d, self.dt_proj])
+        register_zero3_external_parameters(self, [self.conv1d, self.dt_proj, self.x_proj, self.out_proj])
 
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
@@ -202,6 +202,8 @@ class Mamba1Mixer(nn.Module):
         if state is not None:
             return self._step(u, state)
         xz = self.in_proj(u).transpose(1, 2)  # (B, 2 Di, L)
+        if not return_state and use_fused("mamba_inner_fn", xz):
+            return self._forward_fused(xz)
         x, z = xz.chunk(2, dim=1)  # (B, Di, L) each
         x_conv = causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")  # (B, Di, L)
         dt, B, C = self._ssm_inputs(x_conv.transpose(1, 2))  # (B, L, Di), (B, L, N), (B, L, N)
@@ -214,6 +216,17 @@ class Mamba1Mixer(nn.Module):
         if not return_state:
             return out
         return out, (conv_state_from_inputs(x, self.d_conv), ssm_state)
+
+    def _forward_fused(self, xz: Tensor) -> Tensor:
+        """The training path in one autograd op: mamba-ssm's mamba_inner_fn (conv, x_proj, dt_proj, selective scan,
+        gate and out_proj fused; it recomputes the conv output and delta in backward instead of saving them), called
+        as mamba_ssm/modules/mamba_simple.py does. The unfused lines of `forward` are its reference."""
+        A = -torch.exp(self.A_log.float())  # (Di, N)
+        out = fused_kernel("mamba_inner_fn")(
+            xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, self.out_proj.weight,
+            self.out_proj.bias, A, None, None, self.D.float(), delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True)
+        return out  # (B, L, d_model)
 
     def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> MixerState:
         conv_state = torch.zeros(batch, self.d_inner, self.d_conv, device=device, dtype=dtype)

@@ -32,6 +32,7 @@ _KERNEL_SOURCES: dict[str, tuple[str, str]] = {
     "selective_state_update": ("mamba_ssm.ops.triton.selective_state_update", "selective_state_update"),
     "rmsnorm_fn": ("mamba_ssm.ops.triton.layernorm_gated", "rmsnorm_fn"),
     "selective_scan_fn": ("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn"),
+    "mamba_inner_fn": ("mamba_ssm.ops.selective_scan_interface", "mamba_inner_fn"),
 }
 
 _kernels: dict[str, Callable[..., Any]] | None = None
@@ -91,7 +92,7 @@ def fused_kernel(name: str) -> Callable[..., Any] | None:
 # The kernels each mixer's training path needs (decoding also uses causal_conv1d_update and selective_state_update).
 _KERNELS_FOR = {"mamba2": ("mamba_split_conv1d_scan_combined", "mamba_chunk_scan_combined", "rmsnorm_fn",
                            "causal_conv1d_fn"),
-                "mamba1": ("selective_scan_fn", "causal_conv1d_fn")}
+                "mamba1": ("mamba_inner_fn", "selective_scan_fn", "causal_conv1d_fn")}
 
 
 def fused_ops_status(ssm_type: str | None = None) -> tuple[bool, str]:

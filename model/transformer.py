@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
+from model.losses import chunked_linear_cross_entropy, use_chunked_loss
 from model.partitioned_init import gathered_for_init
 from model.sampling import decode
 
@@ -214,8 +215,12 @@ class Transformer(nn.Module):
         return self.norm(x)  # (B, T, C)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Logits (B, T, V) for idx (B, T); with targets (B, T), also the mean cross-entropy over all positions."""
-        logits = self.lm_head(self._hidden(idx))  # (B, T, V)
+        """Logits (B, T, V) for idx (B, T); with targets (B, T), also the mean cross-entropy over all positions.
+        On CUDA with targets the loss is chunked (model/losses.py) and the logits, never built whole, are None."""
+        hidden = self._hidden(idx)  # (B, T, C)
+        if targets is not None and use_chunked_loss(self.lm_head.weight):
+            return None, chunked_linear_cross_entropy(hidden, self.lm_head.weight, targets)
+        logits = self.lm_head(hidden)  # (B, T, V)
         loss = None
         if targets is not None:
             # fp32 loss: a bf16 log-softmax over 32k classes loses ~2 digits of the loss.
@@ -224,8 +229,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 eos_id: int | None = None) -> Tensor:
-        """Append up to max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy.
+                 eos_id: int | None = None, top_p: float | None = None) -> Tensor:
+        """Append up to max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy, top_k/top_p filter.
 
         Each step feeds one token through a KV cache. Once the context holds max_seq_len tokens the window slides:
         the cache is refilled from the last max_seq_len tokens (a full recompute, as nanoGPT does every step).
@@ -244,7 +249,7 @@ class Transformer(nn.Module):
 
         logits = self.lm_head(self._hidden(idx[:, -cfg.max_seq_len:], cache)[:, -1])  # (B, V)
         return decode(idx, logits, next_logits, max_new_tokens=max_new_tokens, temperature=temperature,
-                      top_k=top_k, eos_id=eos_id)
+                      top_k=top_k, eos_id=eos_id, top_p=top_p)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameters, a tied matrix counted once. exclude_embeddings drops the token-embedding table, as in

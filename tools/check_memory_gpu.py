@@ -107,8 +107,8 @@ def measure(case: Case, steps: int) -> Result:
     import deepspeed
     import torch
 
+    from engine.model_setup import build_model
     from engine.trainer import param_groups
-    from model import create_model
 
     gc.collect()
     torch.cuda.empty_cache()
@@ -119,14 +119,14 @@ def measure(case: Case, steps: int) -> Result:
     start = time.perf_counter()
     config = ds_config_for(case)
     model_config, plan = case.run.model, case.plan
-    with deepspeed.zero.Init(config_dict_or_path=config, enabled=plan.zero_stage == 3):
-        model = create_model(model_config.model_type, model_config)
+    # Built as the Trainer builds it (on the GPU in the training dtype, or partitioned under ZeRO-3).
+    model = build_model(model_config, ds_config=config, precision=case.run.training.precision, device="cuda:0")
     model.gradient_checkpointing = plan.activation_checkpointing
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.1), config=config)
     for _ in range(steps * plan.grad_accum):
         tokens = torch.randint(0, model_config.vocab_size, (plan.micro_batch, model_config.max_seq_len + 1),
                                device=engine.device)
-        _, loss = engine(tokens[:, :-1], targets=tokens[:, 1:])  # logits stay referenced, as in the Trainer
+        _, loss = engine(tokens[:, :-1], targets=tokens[:, 1:])  # as in the Trainer
         engine.backward(loss)
         engine.step()
         del loss

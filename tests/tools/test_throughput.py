@@ -1,0 +1,86 @@
+"""tools/throughput.py and tools/gpu_check.sh on CPU: a real (tiny) timing of all three contenders in-process,
+the reports and tables, bad input, and the GPU script's clean "no GPU" exit. Speeds are printed, not asserted."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import pytest
+import torch
+
+from launcher.gpu_specs import peak_tflops
+from model import ModelConfig
+from model.registry import family_costs
+from tests.conftest import REPO_ROOT, SMALL_MODEL
+from tools import throughput
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, process_group):
+    path = tmp_path_factory.mktemp("throughput") / "tiny.json"
+    overrides = [arg for item in SMALL_MODEL for arg in ("--set", item)]
+    assert throughput.main(["--preset", "tiny", "--steps", "2", "--warmup", "1", "--micro_batch", "2",
+                            "--json", str(path), *overrides]) == 0
+    return json.loads(path.read_text()), path
+
+
+def test_all_contenders_train_the_same_problem(report):
+    data, _ = report
+    assert set(data["results"]) == {"deepspeed", "plain", "transformers"}, data["errors"]
+    for name, result in data["results"].items():
+        assert result["tokens_per_s"]["median"] > 0 and len(result["runs"]) == 2  # interleaved on CPU: per step
+        # After 3 steps from a random start every model still predicts ~uniformly over the vocabulary.
+        assert abs(result["final_loss"] - math.log(8192)) < 0.5, name
+        assert result["mfu"] is None and result["peak_memory_bytes"] is None  # no GPU
+    assert data["micro_batch"] == 2 and data["seq_len"] == 64 and data["precision"] == "fp32"
+    config = ModelConfig(model_type="transformer", vocab_size=8192, d_model=64, n_layers=2, n_heads=4,
+                         n_kv_heads=2, max_seq_len=64)
+    assert data["flops_per_token"] == family_costs("transformer").training_flops_per_token(config, 64)
+    assert set(data["ratios"]) == {"deepspeed/plain", "deepspeed/transformers"}
+    ours = data["results"]["deepspeed"]["tokens_per_s"]["median"]
+    assert data["ratios"]["deepspeed/plain"] == pytest.approx(ours / data["results"]["plain"]["tokens_per_s"]["median"])
+
+
+def test_whole_runs_in_turn_as_on_gpu(tmp_path, process_group):
+    path = tmp_path / "plain.json"
+    overrides = [arg for item in SMALL_MODEL for arg in ("--set", item)]
+    assert throughput.main(["--preset", "tiny", "--steps", "1", "--warmup", "0", "--micro_batch", "1", "--repeats",
+                            "2", "--interleave", "no", "--contenders", "plain", "--json", str(path), *overrides]) == 0
+    data = json.loads(path.read_text())
+    assert not data["interleaved"] and len(data["results"]["plain"]["runs"]) == 2 and data["ratios"] == {}
+
+
+def test_markdown_table_and_summary(report, capsys):
+    _, path = report
+    assert throughput.main(["--markdown", str(path)]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0].startswith("| preset |") and len(table) == 2 + 3
+    assert throughput.main(["--markdown", str(path), "--summary"]) == 0
+    line = capsys.readouterr().out
+    assert "tokens/s" in line and "deepspeed/plain" in line and "MFU" not in line
+
+
+def test_bad_input_exits_2(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        throughput.main(["--preset", "tiny", "--steps", "0", "--contenders", "deepspeed,jax"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--steps must be >= 1" in err and "unknown contender(s) jax" in err
+    assert throughput.main(["--preset", "no_such_preset"]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert throughput.main(["--markdown", str(tmp_path / "missing.json")]) == 2
+
+
+def test_gpu_peak_table():
+    assert peak_tflops("NVIDIA H200", "bf16") == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "fp16") == 989.0
+    assert peak_tflops("NVIDIA H200", "fp32") is None and peak_tflops("Some GPU", "bf16") is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the script runs the real checks")
+def test_gpu_check_script_says_no_gpu():
+    done = subprocess.run(["bash", str(REPO_ROOT / "tools" / "gpu_check.sh")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("no GPU"), done.stdout + done.stderr

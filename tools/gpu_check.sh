@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one run, for one GPU (< 8 minutes on one H200), installing nothing:
+#   1. the GPU parity tests (pytest -m gpu: fused kernels against their references),
+#   2. throughput, MFU and peak memory against the memory plan for test_small, 1b_transformer and 1b_mamba
+#      (tools/throughput.py: short runs, the plan's micro-batch, sequence 2048, next to a plain PyTorch loop and
+#      transformers' model of the same shape),
+#   3. the quick start's "the same command uses the GPU" path (launcher/run.py --preset tiny, a few steps),
+# then one Markdown table (per-contender detail: tools/throughput.py --markdown $OUT/*.json). Needs requirements.txt, requirements-dev.txt and requirements-gpu.txt installed.
+# Without CUDA it says "no GPU" and exits 0.
+#
+#   bash tools/gpu_check.sh            # results in gpu_check_results/ (GPU_CHECK_OUT to change)
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "no GPU: tools/gpu_check.sh checks the CUDA path and has nothing to run here (CPU tests: bash scripts/test.sh)"
+    exit 0
+fi
+export DS_ACCELERATOR=cuda HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+OUT=${GPU_CHECK_OUT:-gpu_check_results}
+mkdir -p "$OUT"
+STEPS=${GPU_CHECK_STEPS:-5}
+declare -A STATUS
+
+echo "== 1/3 GPU parity tests (pytest -m gpu)"
+timeout 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -25
+STATUS[tests]="$(tail -1 "$OUT/pytest_gpu.txt") (exit ${PIPESTATUS[0]})"
+
+echo "== 2/3 throughput, MFU and peak memory vs the plan (sequence 2048)"
+reports=()
+for preset in test_small 1b_transformer 1b_mamba; do
+    timeout 120 "$PY" tools/throughput.py --preset "$preset" --seq_len 2048 --steps "$STEPS" --warmup 2 \
+        --json "$OUT/$preset.json" 2>&1 | grep -v "^\[\|it/s\]\|s/it\]" | tee "$OUT/$preset.txt"
+    code=${PIPESTATUS[0]}
+    STATUS[$preset]="exit $code"
+    [ -f "$OUT/$preset.json" ] && reports+=("$OUT/$preset.json")
+done
+
+echo "== 3/3 quick start on the GPU: launcher/run.py --preset tiny (20 steps)"
+timeout 120 "$PY" launcher/run.py --preset tiny --set training.max_steps=20 --set training.eval_interval=20 \
+    --set training.save_interval=20 --set training.warmup_steps=2 --set training.sample_tokens=20 \
+    --set training.output_dir="$OUT/quickstart/outputs" --set training.checkpoint_dir="$OUT/quickstart/checkpoints" \
+    > "$OUT/quickstart.txt" 2>&1
+code=$?
+tail -8 "$OUT/quickstart.txt"
+device_line=$(grep -m1 -i "cuda\|gpu" "$OUT/quickstart.txt" | cut -c1-100)
+STATUS[quickstart]="exit $code; ${device_line:-no device line found}"
+
+echo
+echo "## GPU check, $(date -u +%Y-%m-%d), $("$PY" -c 'import torch; print(torch.cuda.get_device_name(0), "torch", torch.__version__)')"
+echo
+echo "| check | result |"
+echo "|---|---|"
+echo "| pytest -m gpu | ${STATUS[tests]} |"
+for preset in test_small 1b_transformer 1b_mamba; do
+    line="${STATUS[$preset]}"
+    if [ -f "$OUT/$preset.json" ]; then
+        line="$line; $("$PY" tools/throughput.py --markdown "$OUT/$preset.json" --summary)"
+    fi
+    echo "| throughput $preset | $line |"
+done
+echo "| quick start tiny on GPU | ${STATUS[quickstart]} |"
