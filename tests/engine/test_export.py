@@ -106,7 +106,7 @@ def test_hf_round_trip(trained_ws1, layout, hf_class, tmp_path, data_cache, nati
     text = "ROMEO: But soft, what light through yonder window breaks?"
     sp = export_tokenizer_ids(folder, text)
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
-    assert ids[0].tolist() == [1] + sp  # bos, then exactly SentencePiece's pieces
+    assert ids[0].tolist() == [2] + sp  # eos (a document start, as in training), then SentencePiece's pieces
     with torch.no_grad():
         theirs = hf_model(ids).logits
         mine, _ = ours(ids)
