@@ -1,29 +1,29 @@
-"""Data layer: corpus catalog, SentencePiece tokenizer, Megatron-format token shards, deterministic sampler."""
-from data.config import DataConfig
-from data.corpus import CORPORA, CorpusEntry, CorpusSplit, list_corpora, load_corpus, split_documents
-from data.prepare import PreparedData, cache_folder, load_prepared, prepare_data
-from data.sampler import TokenWindows, eval_indices, sample_indices
-from data.shards import CorruptShardError, TokenShardReader, TokenShardWriter
-from data.tokenizer import Tokenizer, train_tokenizer
+"""Data layer: corpus catalog, SentencePiece tokenizer, Megatron-format token shards, deterministic sampler.
 
-__all__ = [
-    "CORPORA",
-    "CorpusEntry",
-    "CorpusSplit",
-    "CorruptShardError",
-    "DataConfig",
-    "PreparedData",
-    "TokenShardReader",
-    "TokenShardWriter",
-    "TokenWindows",
-    "Tokenizer",
-    "cache_folder",
-    "eval_indices",
-    "list_corpora",
-    "load_corpus",
-    "load_prepared",
-    "prepare_data",
-    "sample_indices",
-    "split_documents",
-    "train_tokenizer",
-]
+Names are imported on first use (PEP 562 module __getattr__): the command-line tools that only browse the
+catalog or preprocess text then start without importing torch (~2-7 s on a busy machine).
+"""
+from __future__ import annotations
+
+import importlib
+
+_LOCATIONS = {
+    "CORPORA": "data.corpus", "CorpusEntry": "data.corpus", "CorpusSplit": "data.corpus",
+    "list_corpora": "data.corpus", "load_corpus": "data.corpus", "split_documents": "data.corpus",
+    "CorruptShardError": "data.shards", "TokenShardReader": "data.shards", "TokenShardWriter": "data.shards",
+    "DataConfig": "data.config", "DataError": "data.errors",
+    "PreparedData": "data.prepare", "cache_folder": "data.prepare", "load_prepared": "data.prepare",
+    "prepare_data": "data.prepare",
+    "TokenWindows": "data.sampler", "eval_indices": "data.sampler", "sample_indices": "data.sampler",
+    "Tokenizer": "data.tokenizer", "train_tokenizer": "data.tokenizer",
+}
+
+__all__ = sorted(_LOCATIONS)
+
+
+def __getattr__(name: str):
+    if name not in _LOCATIONS:
+        raise AttributeError(f"module 'data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LOCATIONS[name]), name)
+    globals()[name] = value
+    return value

@@ -6,7 +6,7 @@ batch size, not on how it is divided into ranks and accumulation steps, and a re
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -15,19 +15,24 @@ import torch
 class TokenWindows:
     """Non-overlapping windows of seq_len + 1 tokens (stride seq_len), visited in a fresh order each epoch."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, shuffle: bool = True):
-        if tokens.ndim != 1:
-            raise ValueError(f"tokens must be a flat 1-D array, got shape {tokens.shape}")
+    def __init__(self, tokens: np.ndarray | Sequence[np.ndarray], seq_len: int, seed: int, shuffle: bool = True):
+        # Several shards (parts) act as one: windows never cross a part, and are numbered part after part.
+        parts = [tokens] if isinstance(tokens, np.ndarray) else list(tokens)
+        if any(part.ndim != 1 for part in parts):
+            raise ValueError(f"tokens must be flat 1-D arrays, got shapes {[part.shape for part in parts]}")
         if seq_len < 1:
             raise ValueError(f"seq_len must be at least 1, got {seq_len}")
         # A window holds seq_len inputs plus the target of the last one; consecutive windows share that token.
-        num_windows = (len(tokens) - 1) // seq_len
+        windows_per_part = np.array([max(0, (len(part) - 1) // seq_len) for part in parts], dtype=np.int64)
+        num_windows = int(windows_per_part.sum())
         if num_windows < 1:
             raise ValueError(
-                f"corpus has {len(tokens)} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}; "
-                "use a shorter seq_len or a bigger corpus"
+                f"corpus has {sum(len(part) for part in parts)} tokens, fewer than one window of seq_len + 1 = "
+                f"{seq_len + 1}; use a shorter seq_len or a bigger corpus"
             )
-        self.tokens = tokens
+        self.parts = parts
+        self.tokens = parts[0]
+        self._first_window = np.concatenate([[0], np.cumsum(windows_per_part)])
         self.seq_len = seq_len
         self.seed = seed
         self.shuffle = shuffle
@@ -45,25 +50,37 @@ class TokenWindows:
             self._epoch = epoch
         return self._permutation
 
-    def window_start(self, sample_index: int) -> int:
-        """Offset in tokens of the window read at global sample position sample_index."""
+    def window_id(self, sample_index: int) -> int:
+        """Which window (numbered across parts) global sample position sample_index reads."""
         if sample_index < 0:
             raise IndexError(f"sample index must be >= 0, got {sample_index}")
         epoch, position = divmod(sample_index, self.num_windows)
-        window = self.permutation(epoch)[position] if self.shuffle else position
-        return int(window) * self.seq_len
+        return int(self.permutation(epoch)[position]) if self.shuffle else position
+
+    def _locate(self, window: int) -> tuple[int, int]:
+        part = int(np.searchsorted(self._first_window, window, side="right")) - 1
+        return part, (window - int(self._first_window[part])) * self.seq_len
+
+    def window_start(self, sample_index: int) -> int:
+        """Offset in tokens (within its part) of the window read at global sample position sample_index."""
+        return self._locate(self.window_id(sample_index))[1]
 
     def window(self, sample_index: int) -> np.ndarray:
         """The seq_len + 1 tokens at global sample position sample_index (input w[:-1], target w[1:])."""
-        start = self.window_start(sample_index)
-        return np.asarray(self.tokens[start:start + self.seq_len + 1])
+        part, start = self._locate(self.window_id(sample_index))
+        return np.asarray(self.parts[part][start:start + self.seq_len + 1])
 
     def batch(self, sample_indices: Iterable[int]) -> torch.Tensor:
         """Windows of the sample positions stacked as a LongTensor of shape (B, seq_len + 1)."""
-        starts = np.array([self.window_start(i) for i in sample_indices], dtype=np.int64)
-        # One fancy-index gather from the memmap: (B, 1) + (1, T+1) -> (B, T+1).
-        offsets = starts[:, None] + np.arange(self.seq_len + 1, dtype=np.int64)[None, :]
-        return torch.from_numpy(np.asarray(self.tokens[offsets]).astype(np.int64))
+        located = [self._locate(self.window_id(i)) for i in sample_indices]
+        if len(self.parts) == 1:
+            starts = np.array([start for _, start in located], dtype=np.int64)
+            # One fancy-index gather from the memmap: (B, 1) + (1, T+1) -> (B, T+1).
+            offsets = starts[:, None] + np.arange(self.seq_len + 1, dtype=np.int64)[None, :]
+            return torch.from_numpy(np.asarray(self.tokens[offsets]).astype(np.int64))
+        rows = [np.asarray(self.parts[part][start:start + self.seq_len + 1]).astype(np.int64)
+                for part, start in located]
+        return torch.from_numpy(np.stack(rows))
 
     def __len__(self) -> int:
         return self.num_windows

@@ -55,6 +55,7 @@ class TokenShardWriter:
         self._idx_path = _temp_path(self.prefix.with_name(self.prefix.name + ".idx"))
         self._bin = open(self._bin_path, "wb")
         self._lengths: list[int] = []
+        self._num_tokens = 0  # kept as a running total: summing _lengths per call made adding documents O(n^2)
         self._closed = False
 
     @property
@@ -65,7 +66,7 @@ class TokenShardWriter:
     @property
     def num_tokens(self) -> int:
         """Tokens added so far."""
-        return sum(self._lengths)
+        return self._num_tokens
 
     def add_document(self, ids: Sequence[int] | np.ndarray) -> None:
         """Append one document (may be empty); ids must lie in [0, vocab_size)."""
@@ -78,6 +79,7 @@ class TokenShardWriter:
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got [{array.min()}, {array.max()}]")
         self._bin.write(array.astype(self.dtype).tobytes())
         self._lengths.append(int(array.size))
+        self._num_tokens += int(array.size)
 
     def finalize(self) -> None:
         """Write the index and move both files into place: .bin first, .idx last, so .idx marks a whole shard."""

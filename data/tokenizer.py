@@ -1,6 +1,7 @@
 """SentencePiece BPE tokenizer: training from texts, and a small encode/decode wrapper."""
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import uuid
@@ -56,9 +57,10 @@ def training_sentences(texts: Iterable[str], max_bytes: int = MAX_LINE_BYTES) ->
 
 
 def train_tokenizer(
-    texts: Iterable[str], model_prefix: str | Path, vocab_size: int = 8192, *, seed: int = 0, num_threads: int = 2
+    texts: Iterable[str], model_prefix: str | Path, vocab_size: int = 8192, *, seed: int = 0, num_threads: int = 2,
+    model_type: str = "bpe", character_coverage: float = 0.9995,
 ) -> Tokenizer:
-    """Train a byte-fallback BPE model on texts and write `<model_prefix>.model` atomically."""
+    """Train a byte-fallback BPE (or unigram) model on texts and write `<model_prefix>.model` atomically."""
     model_path = Path(f"{model_prefix}.model")
     model_path.parent.mkdir(parents=True, exist_ok=True)
     # Same texts and seed -> same model: the seed fixes the sampling of sentences beyond the limit.
@@ -67,11 +69,12 @@ def train_tokenizer(
     spm.SentencePieceTrainer.train(
         sentence_iterator=training_sentences(texts),
         model_writer=model,
-        model_type="bpe",
+        model_type=model_type,
         vocab_size=vocab_size,
         # Unseen characters become UTF-8 byte pieces, so decode(encode(text)) == text for any text.
         byte_fallback=True,
-        character_coverage=0.9995,
+        # SentencePiece's advice: 0.9995 for rich character sets (Chinese, Japanese), 1.0 for small ones.
+        character_coverage=character_coverage,
         # Identity normalization and kept whitespace: without them NFKC and space-folding break round trips.
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
@@ -90,6 +93,11 @@ def train_tokenizer(
     temp_path.write_bytes(model.getvalue())
     os.replace(temp_path, model_path)
     return Tokenizer(model_path)
+
+
+def tokenizer_sha256(path: str | Path) -> str:
+    """SHA-256 of a SentencePiece model file: shards record it so a run can tell which tokenizer made them."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 class Tokenizer:
@@ -120,13 +128,18 @@ class Tokenizer:
         """Token ids of text, without bos/eos."""
         return self._processor.encode(text)
 
-    def encode_batch(self, texts: list[str], *, num_threads: int = 1) -> list[list[int]]:
-        """Token ids of several texts, encoded by num_threads threads."""
-        return self._processor.encode(texts, num_threads=num_threads)
+    def encode_batch(self, texts: list[str], *, num_threads: int = 1, add_eos: bool = False) -> list[list[int]]:
+        """Token ids of several texts, encoded by num_threads threads (eos appended to each when add_eos)."""
+        return self._processor.encode(texts, num_threads=num_threads, add_eos=add_eos)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of token ids; bos/eos decode to nothing."""
         return self._processor.decode([int(i) for i in ids])
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the model file (see tokenizer_sha256)."""
+        return tokenizer_sha256(self.path)
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"

@@ -75,13 +75,17 @@ def deepspeed_contender(setup: BenchSetup, ds_config: dict[str, Any]) -> tuple[S
     import deepspeed
 
     from engine.model_setup import build_model
-    from engine.trainer import param_groups
+    from engine.param_groups import param_groups
+    from engine.schedule import warmup_cosine_scheduler
 
     model = build_model(setup.model, ds_config=ds_config, precision=setup.training.precision, device=setup.device,
                         compiled=setup.training.compile_blocks)
     model.gradient_checkpointing = setup.activation_checkpointing
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, setup.training.weight_decay),
-                                      config=ds_config)
+    cfg = setup.training
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.weight_decay),
+                                      config=ds_config, lr_scheduler=warmup_cosine_scheduler(
+                                          warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
+                                          min_lr_ratio=cfg.min_lr_ratio))
 
     def step(batch: torch.Tensor) -> torch.Tensor:
         _, loss = engine(batch[:, :-1], targets=batch[:, 1:])
@@ -95,7 +99,7 @@ def deepspeed_contender(setup: BenchSetup, ds_config: dict[str, Any]) -> tuple[S
 def _plain_loop(model: torch.nn.Module, setup: BenchSetup,
                 loss_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]) -> StepFn:
     """AdamW + clipping + autocast around `loss_fn(model, batch)`: the loop a PyTorch user writes."""
-    from engine.trainer import param_groups
+    from engine.param_groups import param_groups
 
     cfg = setup.training
     on_cuda = setup.device.startswith("cuda")

@@ -7,66 +7,86 @@ original project's format: {'config': ModelConfig dict, 'model_state_dict': fp32
 """
 from __future__ import annotations
 
-import json
 import os
-import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from deepspeed.utils import safe_get_full_fp32_param
+from torch._utils import _unflatten_dense_tensors
 
 from engine import distributed
-
-TAG_PATTERN = re.compile(r"^checkpoint_step_(\d+)$")
-
-
-def checkpoint_tag(step: int) -> str:
-    return f"checkpoint_step_{step}"
-
-
-def list_checkpoint_tags(checkpoint_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every `checkpoint_step_N` folder, oldest first."""
-    root = Path(checkpoint_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := TAG_PATTERN.match(p.name))]
-    return sorted(found)
-
-
-def latest_tag(checkpoint_dir: str | Path) -> str | None:
-    """The tag DeepSpeed's `latest` file points to, if it exists and its folder is there."""
-    latest = Path(checkpoint_dir) / "latest"
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    return tag if (Path(checkpoint_dir) / tag).is_dir() else None
-
+from engine.checkpoint_commit import (TAG_PATTERN, CheckpointCommitter, checkpoint_tag,  # noqa: F401 - public API
+                                      latest_tag, list_checkpoint_tags)
+from engine.faults import kill_point
+from engine.numerics import check_finite_weights
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary name, then rename: a crash never leaves a truncated file at `path`."""
+    """torch.save to a temporary name, fsync, then rename: a crash never leaves a truncated file at `path`,
+    and a failed write (disk full) removes its temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        kill_point(f"export.{path.name}", half_written=tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def gather_fp32_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The full fp32 weights on every rank (a collective under ZeRO-3: all ranks must call it).
+def _unfused_master_weights(optimizer) -> dict[int, torch.Tensor]:
+    """id(low-precision parameter) -> its fp32 master copy, for the optimizers DeepSpeed uses under ZeRO-0 with
+    bf16/fp16: FP16_UnfusedOptimizer keeps `fp32_groups` beside `fp16_groups`, FP16_Optimizer a flat fp32 buffer
+    per group (`fp32_groups_flat`). Neither has the `_hp_mapping` that safe_get_full_fp32_param reads, which
+    returns None for them, and the parameter itself is only a rounded copy."""
+    masters: dict[int, torch.Tensor] = {}
+    low_groups = getattr(optimizer, "fp16_groups", None)
+    if low_groups is None:
+        return masters
+    if hasattr(optimizer, "fp32_groups"):
+        fp32_groups = optimizer.fp32_groups
+    elif hasattr(optimizer, "fp32_groups_flat"):
+        fp32_groups = [_unflatten_dense_tensors(flat, group)
+                       for flat, group in zip(optimizer.fp32_groups_flat, low_groups)]
+    else:
+        return masters
+    for low_group, fp32_group in zip(low_groups, fp32_groups):
+        for low, master in zip(low_group, fp32_group):
+            masters[id(low)] = master.view_as(low)
+    return masters
+
+
+def gather_fp32_state_dict(module: torch.nn.Module, optimizer=None, *,
+                           main_process_only: bool = False) -> dict[str, torch.Tensor]:
+    """The full fp32 master weights (a collective under ZeRO-1/2/3: all ranks must call it).
 
     Under mixed precision or ZeRO the module's own tensors are low-precision copies or partitions; DeepSpeed's
-    safe_get_full_fp32_param assembles the fp32 master weight. Without a master copy (ZeRO-0 fp32) the
-    parameter itself is the master.
+    safe_get_full_fp32_param assembles the fp32 master weight under ZeRO-1/2/3 and the bf16 optimizer; under
+    ZeRO-0 with fp16/bf16 the master copy is read from `optimizer` (the engine's optimizer). Without a master
+    copy (fp32 ZeRO-0) the parameter itself is the master.
+
+    main_process_only: only rank 0 keeps a CPU copy (the others take part in each tensor's collective and drop
+    it at once), so an export costs one fp32 model of host RAM on rank 0's node, not one per rank; other ranks
+    get an empty dict.
     """
+    keep = not main_process_only or distributed.is_main_process()
+    masters = _unfused_master_weights(optimizer) if optimizer is not None else {}
     by_param: dict[int, torch.Tensor] = {}
     names: dict[str, int] = {}
     for name, param in module.named_parameters(remove_duplicate=False):
         if id(param) not in by_param:
             full = safe_get_full_fp32_param(param)
-            by_param[id(param)] = (full if full is not None else param.detach()).float().cpu().clone()
+            if full is None:
+                full = masters.get(id(param), param.detach())
+            by_param[id(param)] = full.float().cpu().clone() if keep else None
+            del full
         names[name] = id(param)
+    if not keep:
+        return {}
     state = {name: by_param[pid] for name, pid in names.items()}
     for name, buffer in module.state_dict().items():
         if name not in state:
@@ -74,55 +94,26 @@ def gather_fp32_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-class CheckpointManager:
-    """Saves and restores a run's checkpoints in `checkpoint_dir`."""
+class CheckpointManager(CheckpointCommitter):
+    """Saves and restores a run's checkpoints in `checkpoint_dir`.
+
+    How a checkpoint is committed, verified, found again after a crash and pruned is in
+    engine/checkpoint_commit.py (CheckpointCommitter); this class adds the exports.
+    """
 
     def __init__(self, checkpoint_dir: str | Path, *, keep_last: int, run_record: dict[str, Any]):
-        self.checkpoint_dir = Path(checkpoint_dir)
-        self.keep_last = keep_last
-        self.run_record = run_record
-
-    def save(self, engine, step: int, client_state: dict[str, Any]) -> Path:
-        """Save a resumable checkpoint (all ranks call this), then prune old ones."""
-        tag = checkpoint_tag(step)
-        engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=client_state)
-        folder = self.checkpoint_dir / tag
-        if distributed.is_main_process():
-            self._describe(folder)
-            self._prune(keep=tag)
-        distributed.barrier()
-        return folder
-
-    def load_latest(self, engine) -> dict[str, Any] | None:
-        """Restore the newest complete checkpoint; returns its client state, or None if there is none."""
-        tag = latest_tag(self.checkpoint_dir)
-        if tag is None:
-            return None
-        path, client_state = engine.load_checkpoint(str(self.checkpoint_dir), tag=tag)
-        if path is None:
-            raise RuntimeError(f"could not load checkpoint {self.checkpoint_dir / tag}: remove it or set "
-                               "training.resume=false")
-        return client_state
+        super().__init__(checkpoint_dir, keep_last=keep_last, run_record=run_record)
 
     def export_model(self, engine, path: str | Path, *, model_config: dict[str, Any],
                      extra: dict[str, Any]) -> Path | None:
         """Write `final_model.pt` / `best_model.pt` in the original format (all ranks call; rank 0 writes)."""
-        state = gather_fp32_state_dict(engine.module)
+        state = gather_fp32_state_dict(engine.module, engine.optimizer, main_process_only=True)
         path = self.checkpoint_dir / path
+        check_finite_weights(state, str(path))
+        self.ensure_free_space(sum(t.numel() * t.element_size() for t in state.values()), what=str(path))
         if distributed.is_main_process():
-            atomic_torch_save({"config": model_config, "model_state_dict": state,
-                               "run_config": self.run_record.get("run_config", {}), **extra}, path)
+            with self.storage_errors(path):
+                atomic_torch_save({"config": model_config, "model_state_dict": state,
+                                   "run_config": self.run_record.get("run_config", {}), **extra}, path)
         distributed.barrier()
         return path
-
-    def _describe(self, folder: Path) -> None:
-        """Make the folder self-describing: the resolved run config, the ds_config and the code version."""
-        for name, key in (("run_config.json", "run_config"), ("ds_config.json", "ds_config"),
-                          ("version.json", "version")):
-            if key in self.run_record:
-                (folder / name).write_text(json.dumps(self.run_record[key], indent=2, sort_keys=True) + "\n")
-
-    def _prune(self, keep: str) -> None:
-        tags = [p for _, p in list_checkpoint_tags(self.checkpoint_dir) if p.name != keep]
-        for folder in tags[:max(0, len(tags) - (self.keep_last - 1))]:
-            shutil.rmtree(folder, ignore_errors=True)

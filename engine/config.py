@@ -1,9 +1,33 @@
 """The engine's own typed config: the original project's `training:` section plus what a real trainer needs."""
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
+
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def parse_duration(value: int | str | None) -> float | None:
+    """Seconds from 3600, '3600', '90m', '23h30m', '1h2m3s' or 'H:MM:SS' (SLURM's --time form)."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    text = value.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    if re.fullmatch(r"\d+(:\d{1,2}){1,2}", text):
+        seconds = 0.0
+        for part in text.split(":"):
+            seconds = seconds * 60 + int(part)
+        return seconds if text.count(":") == 2 else seconds * 60  # 'H:MM' is hours and minutes
+    match = _DURATION.match(text)
+    if not text or match is None:
+        raise ValueError(f"training.max_runtime {value!r} is not a duration: write seconds, or e.g. '90m', "
+                         "'23h30m', '2:30:00'")
+    hours, minutes, seconds = (float(group or 0) for group in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
 
 
 class TrainingConfig(BaseModel):
@@ -61,12 +85,17 @@ class TrainingConfig(BaseModel):
     """Seed of initialisation and data order."""
     resume: bool = True
     """Resume from the latest checkpoint in checkpoint_dir if there is one."""
+    init_from: str | None = None
+    """Start a new run from the weights of this original-format .pt (e.g. a model imported with
+    tools/convert_checkpoint.py --from_hf) instead of a random initialisation; a resume takes precedence."""
     sample_tokens: int = 120
     """Tokens of sample text to generate after training (0 = none)."""
     output_dir: str = "./outputs"
     """Logs (TensorBoard) and run metadata."""
     checkpoint_dir: str = "./checkpoints"
     """final_model.pt, best_model.pt and checkpoint_step_N folders."""
+    max_runtime: int | str | None = None
+    """Time limit: after this long, save a checkpoint and exit 75 (seconds, or e.g. '90m', '23h30m', '2:30:00')."""
 
     @model_validator(mode="after")
     def _check(self) -> "TrainingConfig":
@@ -92,9 +121,20 @@ class TrainingConfig(BaseModel):
                             "or training.offload=optimizer")
         if self.offload == "optimizer" and self.zero_stage == 0:
             problems.append("training.offload 'optimizer' needs ZeRO stage 1-3: set training.zero_stage to 1, 2 or 3")
+        try:
+            runtime = self.max_runtime_s
+            if runtime is not None and runtime <= 0:
+                problems.append(f"training.max_runtime must be > 0, got {self.max_runtime!r}")
+        except ValueError as err:
+            problems.append(str(err))
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def max_runtime_s(self) -> float | None:
+        """training.max_runtime in seconds (None: no limit)."""
+        return parse_duration(self.max_runtime)
 
     @property
     def precision(self) -> str:

@@ -72,3 +72,31 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.item() / dist.get_world_size()
+
+
+def run_on_main(fn):
+    """Run fn on rank 0 only and return its result on every rank; an exception it raises is raised on every rank
+    (the same message), so no rank waits forever in a collective that rank 0 will never reach."""
+    result, error = None, None
+    if is_main_process():
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            error = err
+            error.on_every_rank = True  # the launcher prints it once (rank 0), not once per rank
+    if world_size() > 1:
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise error
+    return result
+
+
+def all_reduce_max_int(value: int, device: torch.device) -> int:
+    """The largest of one integer over all ranks (how ranks agree on a stop request)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())

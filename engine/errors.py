@@ -9,3 +9,11 @@ class TrainingError(RuntimeError):
 
 class CheckpointError(TrainingError):
     """A checkpoint folder that cannot be written, read or resumed from."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file whose pickle names code other than the types DeepSpeed writes: never loaded."""
+
+
+class NonFiniteError(TrainingError):
+    """The loss or gradient norm became NaN or infinite; the run stops before saving or exporting anything."""

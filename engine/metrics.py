@@ -48,11 +48,19 @@ class MetricsLogger:
             for name, value in metrics.items():
                 self.writer.add_scalar(f"train/{name}", value, step)
 
-    def log_eval(self, step: int, val_loss: float) -> None:
+    def log_eval(self, step: int, val_loss: float, *, per_source: dict[str, float] | None = None,
+                 num_tokens: int | None = None) -> None:
+        """Write the validation loss (and, for a mixture, one loss per source); num_tokens is what it covered."""
         if not self.enabled:
             return
         self.writer.add_scalar("val/loss", val_loss, step)
-        self.bar.write(f"step {step}: val_loss {val_loss:.4f}")
+        for name, loss in (per_source or {}).items():
+            if len(per_source) > 1:
+                self.writer.add_scalar(f"val/loss/{name}", loss, step)
+        covered = f" over {num_tokens:,} tokens" if num_tokens else ""
+        by_source = ", ".join(f"{name} {loss:.4f}" for name, loss in per_source.items()) \
+            if per_source and len(per_source) > 1 else ""
+        self.bar.write(f"step {step}: val_loss {val_loss:.4f}{covered}" + (f" ({by_source})" if by_source else ""))
 
     def write(self, message: str) -> None:
         if self.enabled:

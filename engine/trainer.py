@@ -12,16 +12,25 @@ from pathlib import Path
 from typing import Any
 
 import deepspeed
+import numpy as np
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from data import DataConfig, PreparedData, TokenShardReader, TokenWindows, Tokenizer, eval_indices, \
-    prepare_data, sample_indices
+from data import DataConfig, sample_indices
+from data.errors import DataError
+from data.training_data import TrainingData, open_training_data, prepare_sources
 from engine import distributed
-from engine.checkpoint import CheckpointManager
+from engine.checkpoint import CheckpointManager, latest_tag
+from engine.numerics import check_finite_step
+from engine.signals import StopController
 from engine.config import TrainingConfig
+from engine.errors import CheckpointError, TrainingError
+from engine.export import load_initial_weights
+from engine.faults import kill_point
 from engine.metrics import MetricsLogger, peak_memory_bytes
 from engine.model_setup import build_model
+from engine.param_groups import param_groups
+from engine.schedule import warmup_cosine_scheduler
 from model import ModelConfig, create_model
 
 # Primes that decorrelate the per-step RNG seeds of different runs, steps and ranks.
@@ -44,13 +53,8 @@ class TrainResult:
     """The original-format fp32 weights with the lowest validation loss."""
     tokens_per_s: float
     """Mean training throughput of this process's run, in tokens per second over all ranks."""
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay matrices (and embeddings), not norms, biases or SSM scalars (ndim < 2)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    stop_reason: str | None = None
+    """Why the run stopped before max_steps with a checkpoint (a signal, the time limit), or None."""
 
 
 class Trainer:
@@ -74,16 +78,19 @@ class Trainer:
     def setup(self) -> None:
         """Join the process group, prepare data, build the model and the engine, resume if possible."""
         distributed.init_distributed()
-        self.prepared = self._prepare_data()
-        self.tokenizer = Tokenizer(self.prepared.tokenizer_path)
-        if self.tokenizer.vocab_size > self.model_config.vocab_size:
-            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
-                             f"{self.model_config.vocab_size}")
+        self.checkpoints.prepare(resume=self.training.resume)
         seq_len = self.model_config.max_seq_len
-        self.train_windows = TokenWindows(TokenShardReader(self.prepared.train_prefix).tokens, seq_len,
-                                          seed=self.training.seed)
-        self.val_windows = TokenWindows(TokenShardReader(self.prepared.val_prefix).tokens, seq_len,
-                                        seed=self.training.seed, shuffle=False)
+        # Every shard is checked as it opens (data/shard_checks.py): present, long enough, ids inside the vocabulary.
+        self.data = self._prepare_data()
+        self.prepared, self.tokenizer = self.data.prepared, self.data.tokenizer
+        if self.tokenizer.vocab_size > self.model_config.vocab_size:
+            raise DataError(f"the tokenizer {self.tokenizer.path} has {self.tokenizer.vocab_size} tokens "
+                            f"but model.vocab_size is {self.model_config.vocab_size}: set model.vocab_size to "
+                            f"{self.tokenizer.vocab_size} or use a tokenizer of that size")
+        self.train_windows, self.val_windows = self.data.sources[0].train, self.data.sources[0].val
+        # Samples taken from each source so far: the mixture's exact position, saved in every checkpoint.
+        self.source_positions = np.zeros(len(self.data.sources), dtype=np.int64)
+        self.last_eval: dict[str, tuple[float, int]] = {}
 
         if get_accelerator().device_name() == "cpu":
             # Decaying SSM states and small gradients underflow into denormals, which x86 handles ~100x slower;
@@ -95,8 +102,13 @@ class Trainer:
                             device=get_accelerator().current_device_name(),
                             compiled=self.training.compile_blocks)
         model.gradient_checkpointing = bool(self.training.activation_checkpointing is True)
+        if self.training.init_from and not (self.training.resume and latest_tag(self.training.checkpoint_dir)):
+            load_initial_weights(model, self.training.init_from, self.model_config)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, self.training.weight_decay), config=self.ds_config)
+            model=model, model_parameters=param_groups(model, self.training.weight_decay), config=self.ds_config,
+            lr_scheduler=warmup_cosine_scheduler(warmup_steps=self.training.warmup_steps,
+                                                 max_steps=self.training.max_steps,
+                                                 min_lr_ratio=self.training.min_lr_ratio))
         self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
         self.grad_accum = self.engine.gradient_accumulation_steps()
         self.world_size = distributed.world_size()
@@ -105,19 +117,30 @@ class Trainer:
         if self.training.resume:
             state = self.checkpoints.load_latest(self.engine)
             if state is not None:
+                self._check_global_batch(state)
                 self.step = int(state["step"])
                 self.best_val_loss = float(state.get("best_val_loss", math.inf))
+                self._restore_source_positions(state.get("data_positions"))
 
-    def _prepare_data(self) -> PreparedData:
-        """Local rank 0 builds (or finds) the cache; the other ranks then read it."""
+    def _prepare_data(self) -> TrainingData:
+        """Local rank 0 builds (or finds) the cache; then every rank opens it read-only."""
         vocab_size = self.model_config.vocab_size
         if self.local_rank == 0:
-            prepared = prepare_data(self.data_config, vocab_size=vocab_size,
-                                    progress=distributed.is_main_process())
+            prepare_sources(self.data_config, vocab_size=vocab_size, progress=distributed.is_main_process())
         distributed.barrier()
-        if self.local_rank != 0:
-            prepared = prepare_data(self.data_config, vocab_size=vocab_size, progress=False)
-        return prepared
+        return open_training_data(self.data_config, vocab_size=vocab_size, seq_len=self.model_config.max_seq_len,
+                                  seed=self.training.seed)
+
+    def _restore_source_positions(self, saved: dict[str, int] | None) -> None:
+        names = [source.name for source in self.data.sources]
+        if saved is None:  # a checkpoint from before mixtures: the run took positions 0 .. step x global batch
+            global_batch = self.micro_batch * self.grad_accum * self.world_size
+            self.source_positions = self.data.mixture.counts_after(self.step * global_batch)
+        elif sorted(saved) != sorted(names):
+            raise TrainingError(f"the checkpoint was trained on data sources {sorted(saved)} but data.sources now "
+                                f"names {sorted(names)}: resume with the same sources, or set training.resume=false")
+        else:
+            self.source_positions = np.array([int(saved[name]) for name in names], dtype=np.int64)
 
     # ---- the loop ----------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -131,16 +154,24 @@ class Trainer:
             logger.write(f"resumed from {cfg.checkpoint_dir}/checkpoint_step_{self.step} at step {self.step}")
         val_loss, saved_step, start_step = math.nan, -1, self.step
         start = time.perf_counter()
+        stopper = StopController(max_runtime_s=cfg.max_runtime_s)
+        stopper.install()
         try:
             while self.step < cfg.max_steps:
                 metrics = self.train_step()
                 self.step += 1
+                check_finite_step(self.step, metrics, cfg, fp16=cfg.fp16)
                 logger.log_step(self.step, metrics, write=self.step % cfg.log_interval == 0)
+                kill_point("train.step_done")
                 if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
                     val_loss = self._evaluate_and_track(logger)
                 if self.step % cfg.save_interval == 0 or self.step == cfg.max_steps:
                     self.checkpoints.save(self.engine, self.step, self._client_state())
                     saved_step = self.step
+                if self.step < cfg.max_steps and (reason := stopper.agreed_stop(self.engine.device)):
+                    if saved_step != self.step:
+                        self.checkpoints.save(self.engine, self.step, self._client_state())
+                    return self._stopped(reason, start_step, start)
             if math.isnan(val_loss):  # resumed at the end: nothing ran, measure the final weights anyway
                 val_loss = self._evaluate_and_track(logger)
             if saved_step != self.step:
@@ -149,25 +180,40 @@ class Trainer:
                 self.engine, "final_model.pt", model_config=self.model_config.model_dump(),
                 extra={"step": self.step, "val_loss": val_loss})
         finally:
+            stopper.uninstall()
             logger.close()
         elapsed = time.perf_counter() - start
         return TrainResult(final_step=self.step, final_val_loss=val_loss, best_val_loss=self.best_val_loss,
                            final_model_path=final_path, best_model_path=Path(cfg.checkpoint_dir) / "best_model.pt",
                            tokens_per_s=(self.step - start_step) * self.tokens_per_step / max(elapsed, 1e-9))
 
+    def _stopped(self, reason: str, start_step: int, start: float) -> TrainResult:
+        cfg = self.training
+        elapsed = time.perf_counter() - start
+        return TrainResult(final_step=self.step, final_val_loss=math.nan, best_val_loss=self.best_val_loss,
+                           final_model_path=Path(cfg.checkpoint_dir) / "final_model.pt",
+                           best_model_path=Path(cfg.checkpoint_dir) / "best_model.pt",
+                           tokens_per_s=(self.step - start_step) * self.tokens_per_step / max(elapsed, 1e-9),
+                           stop_reason=reason)
+
     def train_step(self) -> dict[str, float]:
         """One optimizer step over grad_accum micro-batches; returns the step's metrics."""
         self.engine.train()
         # Seeding by (seed, step, rank) makes dropout masks independent of where a run was resumed.
         torch.manual_seed(self.training.seed * _STEP_SEED_PRIME + self.step * _RANK_SEED_PRIME + distributed.rank())
+        lr = self.engine.get_lr()[0]  # the lr this step's update uses (the scheduler advances inside it)
         started = time.perf_counter()
         total = 0.0
+        # Every rank assigns the whole global batch, so the mixture is the same whatever the layout.
+        global_batch = self.micro_batch * self.grad_accum * self.world_size
+        self._step_sources = self.data.mixture.assign(self.source_positions, global_batch)
         for micro_step in range(self.grad_accum):
             total += self.forward_backward_step(micro_step)
         elapsed = time.perf_counter() - started
+        self.source_positions += np.bincount(self._step_sources[0], minlength=len(self.source_positions))
         grad_norm = self.engine.get_global_grad_norm()
         loss = distributed.all_reduce_mean(total / self.grad_accum, self.engine.device)
-        return {"loss": loss, "lr": self.engine.get_lr()[0],
+        return {"loss": loss, "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
                 "tokens_per_s": self.tokens_per_step / elapsed, "peak_memory_gb": peak_memory_bytes() / 2**30}
 
@@ -176,29 +222,66 @@ class Trainer:
         indices = sample_indices(step=self.step, micro_step=micro_step, rank=distributed.rank(),
                                  world_size=self.world_size, micro_batch=self.micro_batch,
                                  grad_accum=self.grad_accum)
-        batch = self.train_windows.batch(indices).to(self.engine.device, non_blocking=True)
+        batch = self._train_batch(indices).to(self.engine.device, non_blocking=True)
         _, loss = self.engine(batch[:, :-1], targets=batch[:, 1:])
         self.engine.backward(loss)
         self.engine.step()
         return loss.item()
 
+    def _train_batch(self, indices: range) -> torch.Tensor:
+        """Rows of the step's global positions: each from its source at that source's own next position."""
+        offset = self.step * self.micro_batch * self.grad_accum * self.world_size
+        sources, local = self._step_sources
+        rows = [self.data.sources[int(sources[i - offset])].train.batch([int(local[i - offset])])
+                for i in indices]
+        return torch.cat(rows)
+
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over eval_batches micro-batches per rank, averaged over ranks."""
+        """Mean validation token cross-entropy, per source and combined by the mixture weights.
+
+        Each source evaluates its first min(num windows, eval_batches x micro-batch x ranks) validation windows,
+        each exactly once (the whole split when it is smaller), as a token-weighted mean: the figure depends on
+        the windows, not on how ranks and micro-batches divide them. self.last_eval holds (loss, tokens) per source.
+        """
         self.engine.eval()
-        total = 0.0
-        for batch_index in range(self.training.eval_batches):
-            indices = eval_indices(batch_index=batch_index, rank=distributed.rank(), world_size=self.world_size,
-                                   micro_batch=self.micro_batch)
-            batch = self.val_windows.batch(indices).to(self.engine.device)
-            _, loss = self.engine(batch[:, :-1], targets=batch[:, 1:])
-            total += loss.item()
+        self.last_eval = {}
+        for source in self.data.sources:
+            if source.val is not None:
+                self.last_eval[source.name] = self._evaluate_windows(source.val)
         self.engine.train()
-        return distributed.all_reduce_mean(total / self.training.eval_batches, self.engine.device)
+        if not self.last_eval:
+            raise TrainingError("no data source has a validation split to evaluate on: preprocess with "
+                                "--val_fraction > 0")
+        weights = {s.name: s.weight for s in self.data.sources if s.name in self.last_eval}
+        if sum(weights.values()) <= 0:  # only evaluation-only sources have a validation split: plain mean
+            weights = dict.fromkeys(weights, 1.0)
+        return sum(weights[name] * loss for name, (loss, _) in self.last_eval.items()) / sum(weights.values())
+
+    def _evaluate_windows(self, windows) -> tuple[float, int]:
+        """(mean token cross-entropy, tokens) over the first windows of a validation split."""
+        per_round = self.micro_batch * self.world_size
+        num_windows = min(len(windows), self.training.eval_batches * per_round)
+        loss_sum, num_tokens = 0.0, 0
+        for round_index in range(math.ceil(num_windows / per_round)):
+            first = round_index * per_round + distributed.rank() * self.micro_batch
+            mine = range(first, min(first + self.micro_batch, num_windows))
+            # A rank with no window left still runs a forward: ZeRO-3 gathers parameters collectively.
+            batch = windows.batch(mine if len(mine) else [0]).to(self.engine.device)
+            _, loss = self.engine(batch[:, :-1], targets=batch[:, 1:])
+            if len(mine):
+                tokens = batch[:, 1:].numel()
+                loss_sum += loss.item() * tokens
+                num_tokens += tokens
+        totals = torch.tensor([loss_sum, float(num_tokens)], dtype=torch.float64, device=self.engine.device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)
+        return float(totals[0] / totals[1]), int(totals[1])
 
     def _evaluate_and_track(self, logger: MetricsLogger) -> float:
         val_loss = self.evaluate()
-        logger.log_eval(self.step, val_loss)
+        logger.log_eval(self.step, val_loss, per_source={name: loss for name, (loss, _) in self.last_eval.items()},
+                        num_tokens=sum(tokens for _, tokens in self.last_eval.values()))
         if val_loss < self.best_val_loss:
             self.best_val_loss = val_loss
             self.checkpoints.export_model(self.engine, "best_model.pt", model_config=self.model_config.model_dump(),
@@ -206,7 +289,24 @@ class Trainer:
         return val_loss
 
     def _client_state(self) -> dict[str, Any]:
-        return {"step": self.step, "best_val_loss": self.best_val_loss}
+        return {"step": self.step, "best_val_loss": self.best_val_loss,
+                "global_batch": self.micro_batch * self.grad_accum * self.world_size,
+                "data_positions": {s.name: int(n) for s, n in zip(self.data.sources, self.source_positions)}}
+
+    def _check_global_batch(self, state: dict[str, Any]) -> None:
+        """The sampler reads windows by global position step x global batch: another global batch would skip or
+        repeat data (the launcher re-plans the split to keep it; this guards direct use of the Trainer)."""
+        saved, now = state.get("global_batch"), self.micro_batch * self.grad_accum * self.world_size
+        if saved is not None and int(saved) != now:
+            raise CheckpointError(
+                f"{self.training.checkpoint_dir}: the checkpoint was trained with a global batch of {saved} "
+                f"sequences, this run has {now} (micro-batch {self.micro_batch} x accumulation {self.grad_accum} x "
+                f"{self.world_size} ranks): choose a split with the same product, or set training.resume=false")
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt as the model saw text in training: after a document boundary. The shards hold each document
+        followed by eos and never a bos (data/prepare.py), so generation starts from eos, not bos."""
+        return [self.tokenizer.eos_id, *self.tokenizer.encode(prompt)]
 
     def sample_text(self, checkpoint_path: str | Path, prompt: str, *, max_new_tokens: int,
                     temperature: float = 0.8, top_k: int = 50) -> str:
@@ -216,9 +316,9 @@ class Trainer:
         model = create_model(config.model_type, config)
         model.load_state_dict(ckpt["model_state_dict"])
         model.to(self.engine.device).eval()
-        ids = [self.tokenizer.bos_id] + self.tokenizer.encode(prompt) if self.tokenizer.bos_id >= 0 else \
-            self.tokenizer.encode(prompt)
+        ids = self.prompt_ids(prompt)
         idx = torch.tensor([ids], dtype=torch.long, device=self.engine.device)
         torch.manual_seed(self.training.seed)
         out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k)
-        return prompt + self.tokenizer.decode(out[0, len(ids):].tolist())
+        # A model may have more ids than its tokenizer (a padded vocabulary); those ids have no text.
+        return prompt + self.tokenizer.decode(i for i in out[0, len(ids):].tolist() if i < self.tokenizer.vocab_size)

@@ -52,6 +52,18 @@ class RunConfig(BaseModel):
     system: SystemConfig = Field(default_factory=SystemConfig)
     """Shutdown after training."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _model_type_first(cls, data: Any) -> Any:
+        """Give the model section the family before it is validated: its checks depend on it (a Mamba section
+        validated as a Transformer was rejected for 'd_model divisible by n_heads')."""
+        if isinstance(data, dict) and isinstance(data.get("model", {}), dict):
+            model = dict(data.get("model", {}))
+            family = data.get("model_type") or model.get("model_type") or "transformer"
+            model["model_type"] = family
+            data = {**data, "model_type": family, "model": model}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
         if self.model_type not in list_models():

@@ -41,14 +41,7 @@ def build_ds_config(run: RunConfig, plan: Plan, *, pin_memory: bool = False) -> 
         "train_micro_batch_size_per_gpu": plan.micro_batch,
         "gradient_accumulation_steps": plan.grad_accum,
         "optimizer": {"type": "AdamW", "params": optimizer_params},
-        # DeepSpeed's WarmupCosineLR: linear warm-up from 0 to lr, then cosine to min_lr_ratio * lr.
-        "scheduler": {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": training.max_steps,
-            "warmup_num_steps": min(training.warmup_steps, training.max_steps),
-            "warmup_min_ratio": 0.0,
-            "warmup_type": "linear",
-            "cos_min_ratio": training.min_lr_ratio,
-        }},
+        # No "scheduler" section: the engine passes its own warm-up + cosine (engine/schedule.py says why).
         "zero_optimization": zero,
         "bf16": {"enabled": training.bf16},
         "fp16": {"enabled": training.fp16, "loss_scale": 0, "initial_scale_power": 16},

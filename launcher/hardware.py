@@ -97,11 +97,13 @@ def detect_gpus(limit: int | None = None) -> list[GpuInfo]:
 
 
 def memory_budget(ranks_per_node: int, gpu_memory: int | None = None, *, gpus: list[GpuInfo] | None = None,
-                  host_bytes: int | None = None) -> MemoryBudget:
+                  host_bytes: int | None = None, ssm_type: str | None = None) -> MemoryBudget:
     """What this node offers each rank: --gpu_memory if given, else the GPUs found, else host RAM (CPU ranks).
 
     host_bytes: the node's host RAM (--cpu_memory); when omitted it is this machine's available RAM, except with
     gpu_memory (hardware you do not have), where the host is left unchecked and only reported per layout.
+    ssm_type: the Mamba mixer to be trained ('mamba2' / 'mamba1'; None for other families): the fused kernels
+    count as available when the ones its training path needs import.
     """
     if gpu_memory is not None:
         host_note = (f"host RAM {format_bytes(host_bytes)} (given)" if host_bytes is not None else
@@ -118,7 +120,7 @@ def memory_budget(ranks_per_node: int, gpu_memory: int | None = None, *, gpus: l
         smallest = min(used, key=lambda gpu: gpu.free_bytes)
         names = sorted({gpu.name for gpu in used})
         return MemoryBudget(gpu_bytes=smallest.free_bytes, cpu_bytes=host, ranks_per_node=ranks_per_node,
-                            on_cuda=True, fused_ssm_kernels=_fused_ssm_kernels_available(),
+                            on_cuda=True, fused_ssm_kernels=_fused_ssm_kernels_available(ssm_type),
                             source=f"{len(used)} x {', '.join(names)}: smallest free memory "
                                    f"{format_bytes(smallest.free_bytes)} (GPU {smallest.index}); "
                                    f"host RAM {format_bytes(host)} available")
@@ -128,10 +130,12 @@ def memory_budget(ranks_per_node: int, gpu_memory: int | None = None, *, gpus: l
                                f"by {ranks_per_node} CPU rank(s) (pass --gpu_memory to plan for GPUs you do not have)")
 
 
-def _fused_ssm_kernels_available() -> bool:
+def _fused_ssm_kernels_available(ssm_type: str | None) -> bool:
+    """Whether the kernels of `ssm_type`'s training path import (a Triton-only mamba-ssm serves Mamba-2 but
+    not Mamba-1); without a mixer (not a Mamba model) the answer does not matter to the plan."""
     from model.ssm_ops import fused_ops_status
 
-    return fused_ops_status()[0]
+    return fused_ops_status(ssm_type)[0]
 
 
 _DETECT_SCRIPT = (

@@ -278,6 +278,9 @@ class MemoryEstimate:
     """Which moment of a step holds the most memory."""
     cpu_total: int
     """Host RAM of this rank: process overhead, the model as built before DeepSpeed takes it, offloaded states."""
+    export_host: int
+    """Host RAM rank 0 adds while it writes final_model.pt / best_model.pt: the full fp32 weights, 4 bytes per
+    parameter (engine/checkpoint.py gathers them on rank 0 only; the other ranks hold one tensor at a time)."""
     model_states: ModelStateBytes
     """The model-state detail the GPU components come from."""
     num_params: int
@@ -294,6 +297,11 @@ class MemoryEstimate:
     @property
     def gpu_total(self) -> int:
         return self.allocated + self.fragmentation + self.cuda_context
+
+    @property
+    def node_host_total(self) -> int:
+        """Host RAM of the node with rank 0: every local rank's cpu_total plus the export copy."""
+        return self.layout.local_ranks * self.cpu_total + self.export_host
 
 
 def activation_bytes(model: ModelConfig, layout: Layout) -> int:
@@ -339,4 +347,4 @@ def estimate_memory(model: ModelConfig, layout: Layout) -> MemoryEstimate:
     cpu = CPU_PROCESS_BYTES + int(max(built, states.cpu) * (CPU_BUFFER_FACTOR if states.cpu else 1))
     return MemoryEstimate(**parts, fragmentation=int(allocated * FRAGMENTATION_FRACTION),
                           cuda_context=CUDA_CONTEXT_BYTES if layout.on_cuda else 0, peak_moment=moment,
-                          cpu_total=cpu, model_states=states, num_params=stats.total, layout=layout)
+                          cpu_total=cpu, export_host=4 * stats.total, model_states=states, num_params=stats.total, layout=layout)

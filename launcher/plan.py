@@ -118,8 +118,8 @@ def _fit_problem(estimate: MemoryEstimate, budget: MemoryBudget) -> str:
         return ""
     if budget.gpu_bytes is not None and estimate.gpu_total > budget.gpu_bytes * usable:
         return f"needs {format_bytes(estimate.gpu_total)}/GPU, {format_bytes(budget.gpu_bytes * usable)} usable"
-    if budget.cpu_bytes is not None and ranks * estimate.cpu_total > budget.cpu_bytes * usable:
-        return (f"needs {format_bytes(ranks * estimate.cpu_total)} of host RAM, "
+    if budget.cpu_bytes is not None and estimate.node_host_total > budget.cpu_bytes * usable:
+        return (f"needs {format_bytes(estimate.node_host_total)} of host RAM, "
                 f"{format_bytes(budget.cpu_bytes * usable)} usable")
     return ""
 
@@ -250,15 +250,15 @@ def _nothing_fits_message(model: ModelConfig, training: TrainingConfig, world_si
     usable = 1.0 - SAFETY_MARGIN
     ranks = budget.ranks_per_node
     host_fits = [c for c in candidates
-                 if budget.cpu_bytes is None or c.estimate.cpu_total * ranks <= budget.cpu_bytes * usable]
+                 if budget.cpu_bytes is None or c.estimate.node_host_total <= budget.cpu_bytes * usable]
     gpu_fits = [c for c in candidates if budget.gpu_bytes is None or c.estimate.gpu_total <= budget.gpu_bytes * usable]
     if budget.on_cuda and budget.gpu_bytes is not None and host_fits:
         best = min(host_fits, key=lambda c: c.estimate.gpu_total)
         lines.append(f"- GPUs with at least {format_bytes(best.estimate.gpu_total / usable)} free each "
                      f"({best.label}, micro-batch 1)")
     if budget.on_cuda and budget.cpu_bytes is not None and gpu_fits:
-        best = min(gpu_fits, key=lambda c: c.estimate.cpu_total)
-        lines.append(f"- host RAM of at least {format_bytes(best.estimate.cpu_total * ranks / usable)} per node "
+        best = min(gpu_fits, key=lambda c: c.estimate.node_host_total)
+        lines.append(f"- host RAM of at least {format_bytes(best.estimate.node_host_total / usable)} per node "
                      f"({best.label}, micro-batch 1)")
     if not budget.on_cuda:
         need = _need(smallest.estimate, budget) / usable
@@ -271,4 +271,5 @@ def _need(estimate: MemoryEstimate, budget: MemoryBudget) -> int:
     """The figure that must fit: GPU memory per rank, or for CPU ranks the host RAM of all of them."""
     if budget.on_cuda:
         return estimate.gpu_total
-    return budget.ranks_per_node * (estimate.allocated + estimate.fragmentation + estimate.cpu_total)
+    return (budget.ranks_per_node * (estimate.allocated + estimate.fragmentation + estimate.cpu_total)
+            + estimate.export_host)

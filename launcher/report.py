@@ -32,7 +32,7 @@ def render_candidates(candidates: tuple[Candidate, ...], chosen: Candidate | Non
         verdict = "yes" if candidate.fits else f"no: {candidate.note}"
         mark = "*" if candidate is chosen else ""
         rows.append([mark, candidate.label, micro, *_components(estimate), _gib(estimate.gpu_total),
-                     _gib(estimate.cpu_total * estimate.layout.local_ranks), estimate.peak_moment, verdict])
+                     _gib(estimate.node_host_total), estimate.peak_moment, verdict])
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
     lines = []
     for row in [header, *rows]:
@@ -66,6 +66,7 @@ def render_plan(plan: Plan, model: ModelConfig, training: TrainingConfig, *, nam
         device = "GPU" if plan.budget.on_cuda else "device (host RAM: CPU ranks)"
         lines.append(f"Predicted per rank: {_gib(memory.gpu_total)} GiB {device} "
                      f"({_gib(memory.allocated)} GiB allocated at the {memory.peak_moment} peak, as "
-                     f"torch.cuda.max_memory_allocated counts), host RAM {_gib(memory.cpu_total)} GiB")
+                     f"torch.cuda.max_memory_allocated counts), host RAM {_gib(memory.cpu_total)} GiB "
+                     f"(+{_gib(memory.export_host)} GiB on rank 0 while it writes final_model.pt)")
     lines.append(f"Why: {plan.reason}")
     return "\n".join(lines)

@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--master_port", type=int, help="rendezvous port when this command starts the ranks")
     parser.add_argument("--hostfile", help="DeepSpeed hostfile ('host slots=N' lines) for a multi-node job; passed "
                                            "to the DeepSpeed launcher")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     # The DeepSpeed launcher passes --local_rank=N to every rank.
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -70,10 +71,10 @@ def print_models() -> None:
 
 
 def print_datasets() -> None:
-    from data import list_corpora
+    from data.catalog import format_catalog
 
-    for line in list_corpora():
-        print(line)
+    print("\n".join(format_catalog()))
+    print("\nrecommend a mixture: python tools/list_datasets.py --recommend 1B [--lang en|zh|mix]")
 
 
 def launched_by_deepspeed() -> bool:
@@ -137,7 +138,9 @@ def start_ranks(args: argparse.Namespace, argv: list[str], num_gpus: int, entry_
     if env.get("DS_ACCELERATOR", "cpu") == "cpu" and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // num_gpus))
     print(f"starting {num_gpus} ranks: {' '.join(command)}", flush=True)
-    return subprocess.call(command, env=env)
+    from launcher.exit_codes import run_forwarding_signals
+
+    return run_forwarding_signals(command, env=env)
 
 
 def code_version() -> dict[str, str]:
@@ -153,14 +156,29 @@ def code_version() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def main(argv: list[str] | None = None, *, entry_script: str | None = None) -> int:
-    """Run the command line `argv` (default sys.argv[1:]); returns the exit code.
+def main(argv: list[str] | None = None, *, entry_script: str | None = None, trainer_class: type | None = None) -> int:
+    """Run the command line `argv` (default sys.argv[1:]); returns the exit code (see launcher/exit_codes.py).
+
+    A problem the user can fix ends with one `error: ...` line and exit code 2 (3 for NaN/inf), no traceback
+    unless --debug is given.
+    """
+    from launcher.exit_codes import report_errors
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with report_errors(debug="--debug" in argv) as outcome:
+        outcome.code = run_command(argv, entry_script=entry_script, trainer_class=trainer_class)
+    return outcome.code
+
+
+def run_command(argv: list[str], *, entry_script: str | None = None, trainer_class: type | None = None) -> int:
+    """Run the command line `argv`; returns the exit code.
 
     entry_script: the script each rank runs when this command starts the ranks itself (default launcher/run.py).
     A script that extends the launcher before calling main() (registers a model family, wraps the Trainer) passes
     its own path, so that its ranks run it too.
+    trainer_class: a subclass of engine.trainer.Trainer to train with (default Trainer); see
+    examples/custom_family.py.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.list_presets or args.list_models or args.list_datasets:
         for wanted, show in ((args.list_presets, print_presets), (args.list_models, print_models),
@@ -210,7 +228,7 @@ def main(argv: list[str] | None = None, *, entry_script: str | None = None) -> i
         print(f"ds_config written to {ds_config_path}")
         return 0
     put_venv_tools_on_path()
-    return train(run, plan, ds_config, args, world_size)
+    return train(run, plan, ds_config, args, world_size, trainer_class=trainer_class)
 
 
 def local_ranks(default: int) -> int:
@@ -235,7 +253,9 @@ def make_plan(run: RunConfig, args: argparse.Namespace, world_size: int, run_nam
     """
     from launcher.hardware import (HardwareError, agree_across_ranks, detect_gpus, detect_gpus_in_subprocess,
                                    memory_budget, parse_memory_size)
+    from engine.errors import CheckpointError
     from launcher.plan import PlanError, choose_plan
+    from launcher.resume import find_resume_point, plan_resumed_run
     from launcher.report import render_candidates, render_plan
 
     rank = int(os.environ.get("RANK", 0))
@@ -247,19 +267,22 @@ def make_plan(run: RunConfig, args: argparse.Namespace, world_size: int, run_nam
         if gpu_memory is None:
             gpus = own_gpu(ranks_per_node) if launched else (
                 detect_gpus_in_subprocess() if detect_in_subprocess else detect_gpus(limit=ranks_per_node))
-        budget = memory_budget(ranks_per_node, gpu_memory, gpus=gpus, host_bytes=cpu_memory)
+        budget = memory_budget(ranks_per_node, gpu_memory, gpus=gpus, host_bytes=cpu_memory,
+                               ssm_type=run.model.ssm_type if run.model_type == "mamba" else None)
         if launched:
             from engine.distributed import init_distributed
 
             init_distributed()
             budget = agree_across_ranks(budget)
-        plan = choose_plan(run.model, run.training, world_size, budget)
+        resume_point = find_resume_point(run)
+        plan = (plan_resumed_run(run, resume_point, world_size, budget, report=rank == 0) if resume_point else
+                choose_plan(run.model, run.training, world_size, budget))
     except PlanError as err:
         if rank == 0:
             print(render_candidates(err.candidates), file=sys.stderr)
             print(f"error: {err}", file=sys.stderr)
         return None
-    except (HardwareError, ValueError) as err:
+    except (HardwareError, ValueError, CheckpointError) as err:
         if rank == 0:
             print(f"error: {err}", file=sys.stderr)
         return None
@@ -284,13 +307,15 @@ def own_gpu(ranks_per_node: int):
     return [GpuInfo(index=i, name=name, free_bytes=free, total_bytes=total) for i in range(ranks_per_node)]
 
 
-def train(run: RunConfig, plan, ds_config: dict, args: argparse.Namespace, world_size: int) -> int:
+def train(run: RunConfig, plan, ds_config: dict, args: argparse.Namespace, world_size: int, *,
+          trainer_class: type | None = None) -> int:
     if not launched_by_deepspeed():  # one process on its own: give DeepSpeed the environment a launcher would
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(args.master_port or free_port())})
     from data.statistics import unigram_cross_entropy
     from engine.distributed import is_main_process, teardown_distributed
     from engine.trainer import Trainer
+    from launcher.exit_codes import is_user_error, report_stop
 
     training = run.training.model_copy(update={
         "batch_size": plan.micro_batch, "gradient_accumulation_steps": plan.grad_accum,
@@ -308,20 +333,28 @@ def train(run: RunConfig, plan, ds_config: dict, args: argparse.Namespace, world
               f" on {world_size} {os.environ.get('DS_ACCELERATOR', 'cpu')} rank(s), ZeRO-{plan.zero_stage}, "
               f"micro-batch {plan.micro_batch} x accumulation {plan.grad_accum}, {run.training.max_steps} steps, "
               f"{run.training.precision}; checkpoints in {run.training.checkpoint_dir}", flush=True)
-    trainer = Trainer(model_config=run.model, training=training, data=run.data, ds_config=ds_config,
-                      run_record=run_record, local_rank=local_rank)
+    trainer = (trainer_class or Trainer)(model_config=run.model, training=training, data=run.data,
+                                         ds_config=ds_config, run_record=run_record, local_rank=local_rank)
     try:
         result = trainer.train()
     except BaseException as err:
-        if world_size > 1:  # every rank writes to the same terminal: say which one failed, before its traceback
+        if world_size > 1 and not is_user_error(err):  # every rank writes to the same terminal: say which one failed, before its traceback
             print(f"error: rank {os.environ.get('RANK', '?')} of {world_size} failed at step {trainer.step}: "
                   f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
         raise
+    from launcher.shutdown import RunOutcome, maybe_shut_down
+
+    outcome = RunOutcome(auto_shutdown=run.system.auto_shutdown, no_shutdown=args.no_shutdown, dry_run=False,
+                         succeeded=result.stop_reason is None, interrupted=result.stop_reason is not None,
+                         rank=int(os.environ.get("RANK", 0)))
+    if result.stop_reason is not None:
+        maybe_shut_down(outcome, run.system.shutdown_delay)  # never shuts down here: says why on rank 0
+        return report_stop(result, run.training.checkpoint_dir)
     if is_main_process():
-        baseline = unigram_cross_entropy(trainer.prepared)
         print(f"\nfinished {result.final_step} steps, {result.tokens_per_s:,.0f} tokens/s")
-        print(f"validation loss {result.final_val_loss:.4f} (best {result.best_val_loss:.4f}); "
-              f"unigram baseline {baseline:.4f}")
+        # The unigram baseline is computed for the single catalog corpus (trainer.prepared is None for a mixture).
+        baseline = f"; unigram baseline {unigram_cross_entropy(trainer.prepared):.4f}" if trainer.prepared else ""
+        print(f"validation loss {result.final_val_loss:.4f} (best {result.best_val_loss:.4f}){baseline}")
         if run.training.sample_tokens > 0:
             sample = trainer.sample_text(result.final_model_path, "ROMEO:", max_new_tokens=run.training.sample_tokens)
             print(f"\n--- sample ---\n{sample}\n--------------")
@@ -329,10 +362,8 @@ def train(run: RunConfig, plan, ds_config: dict, args: argparse.Namespace, world
         print(f"             {Path(result.best_model_path).resolve()}")
         print(f"             {Path(run.training.checkpoint_dir).resolve()}/checkpoint_step_{result.final_step} "
               f"(resumable DeepSpeed checkpoint)")
-        if run.system.auto_shutdown and not args.no_shutdown:
-            print("note: system.auto_shutdown is set, but automatic shutdown is not part of this release yet; "
-                  "the machine stays on.")
-    teardown_distributed()
+    teardown_distributed()  # its barrier: past this line every rank has finished
+    maybe_shut_down(outcome, run.system.shutdown_delay)
     return 0
 
 

@@ -18,6 +18,7 @@ bf16 mixer output to an fp32 sum.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -150,8 +151,8 @@ class MambaLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 eos_id: int | None = None) -> Tensor:
-        """Append up to max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy.
+                 eos_id: int | None = None, top_p: float | None = None) -> Tensor:
+        """Append up to max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy, top_k/top_p filter.
 
         The prompt runs once through the chunked scan; then each token is one recurrent step per layer, constant
         time and memory however long the sequence (there is no context window to slide). Rows that emitted
@@ -159,7 +160,7 @@ class MambaLM(nn.Module):
         """
         logits, states = self.prefill(idx)
         return decode(idx, logits[:, -1], lambda next_id, _: self.step(next_id[:, 0], states),
-                      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, eos_id=eos_id)
+                      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, eos_id=eos_id, top_p=top_p)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameters, a tied matrix counted once. exclude_embeddings drops the token-embedding table (tied, that
@@ -214,3 +215,33 @@ def mamba_ssm_config_kwargs(config: ModelConfig) -> dict[str, Any]:
     return dict(d_model=config.d_model, d_intermediate=0, n_layer=config.n_layers, vocab_size=config.vocab_size,
                 ssm_cfg=ssm_cfg, rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
                 pad_vocab_size_multiple=1, tie_embeddings=config.tie_embeddings)
+
+
+def model_config_from_transformers(hf: dict[str, Any]) -> ModelConfig:
+    """transformers' MambaConfig / Mamba2Config (as its config.json dict, `model_type` 'mamba' or 'mamba2') -> our
+    ModelConfig; ValueError naming each setting these mixers cannot express."""
+    mamba2 = hf.get("model_type") == "mamba2"
+    hidden, expand = hf["hidden_size"], hf.get("expand", 2)
+    checks = {"use_bias": (hf.get("use_bias", False), False), "use_conv_bias": (hf.get("use_conv_bias", True), True),
+              "hidden_act": (hf.get("hidden_act", "silu"), "silu")}
+    if mamba2:
+        checks["num_heads * head_dim"] = (hf["num_heads"] * hf["head_dim"], expand * hidden)
+        # transformers writes inf into config.json as {"__float__": "Infinity"} (JSON has no infinity).
+        limit = [float(x["__float__"]) if isinstance(x, dict) else float(x)
+                 for x in hf.get("time_step_limit", (0.0, float("inf")))]
+        checks["time_step_limit"] = (limit, [0.0, float("inf")])  # our SSD scan does not clamp dt
+    else:
+        checks["intermediate_size"] = (hf.get("intermediate_size", expand * hidden), expand * hidden)
+    problems = [f"{key}={got!r} (this project's Mamba supports only {supported!r})"
+                for key, (got, supported) in checks.items() if got != supported]
+    if problems:
+        raise ValueError("; ".join(problems))
+    common = dict(model_type="mamba", vocab_size=hf["vocab_size"], d_model=hidden, n_layers=hf["num_hidden_layers"],
+                  d_state=hf["state_size"], d_conv=hf.get("conv_kernel", 4), expand=expand,
+                  norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
+    if mamba2:
+        return ModelConfig(**common, ssm_type="mamba2", headdim=hf["head_dim"], ngroups=hf.get("n_groups", 1),
+                           chunk_size=hf.get("chunk_size", 256))
+    rank = hf.get("time_step_rank", "auto")
+    default_rank = math.ceil(hidden / 16)  # mamba-ssm's and transformers' "auto"
+    return ModelConfig(**common, ssm_type="mamba1", dt_rank=None if rank in ("auto", default_rank) else int(rank))

@@ -53,9 +53,15 @@ def create_model(model_type: str, config: ModelConfig) -> nn.Module:
         raise ValueError(f"unknown model_type {model_type!r}; available: {', '.join(sorted(_REGISTRY))}")
     if config.model_type != model_type:
         config = config.model_copy(update={"model_type": model_type})
+    return model_class(model_type)(config)
+
+
+def model_class(model_type: str) -> type[nn.Module]:
+    """The nn.Module class registered as `model_type` (imported now)."""
+    if model_type not in _REGISTRY:
+        raise ValueError(f"unknown model_type {model_type!r}; available: {', '.join(sorted(_REGISTRY))}")
     module_name, class_name = _REGISTRY[model_type].target.split(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(config)
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 def family_costs(model_type: str) -> ModuleType:

@@ -229,8 +229,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 eos_id: int | None = None) -> Tensor:
-        """Append up to max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy.
+                 eos_id: int | None = None, top_p: float | None = None) -> Tensor:
+        """Append up to max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy, top_k/top_p filter.
 
         Each step feeds one token through a KV cache. Once the context holds max_seq_len tokens the window slides:
         the cache is refilled from the last max_seq_len tokens (a full recompute, as nanoGPT does every step).
@@ -249,7 +249,7 @@ class Transformer(nn.Module):
 
         logits = self.lm_head(self._hidden(idx[:, -cfg.max_seq_len:], cache)[:, -1])  # (B, V)
         return decode(idx, logits, next_logits, max_new_tokens=max_new_tokens, temperature=temperature,
-                      top_k=top_k, eos_id=eos_id)
+                      top_k=top_k, eos_id=eos_id, top_p=top_p)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameters, a tied matrix counted once. exclude_embeddings drops the token-embedding table, as in

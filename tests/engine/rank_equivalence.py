@@ -15,14 +15,14 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 
-STEPS = 3
+STEPS = 5
 MODEL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64"]
 
 
 def train_and_save(data_cache: str, out_dir: Path, micro_batch: int, accum: int, stage: int) -> Path:
-    """STEPS optimizer steps of the tiny preset (small model) at this layout; rank 0 writes the fp32 weights and
-    the sample positions each step read."""
-    from data import sample_indices
+    """STEPS optimizer steps of the tiny preset (small model) at a real learning rate (warm-up 1: step 1 runs at
+    the peak); rank 0 writes the fp32 weights, each step's loss and pre-clip gradient norm, and the window indices
+    the trainers of all ranks actually read."""
     from engine import distributed
     from engine.checkpoint import gather_fp32_state_dict
     from engine.trainer import Trainer
@@ -43,18 +43,28 @@ def train_and_save(data_cache: str, out_dir: Path, micro_batch: int, accum: int,
     trainer = Trainer(model_config=run.model, training=run.training, data=run.data, ds_config=ds_config,
                       run_record=record, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
     trainer.setup()
-    losses = []
+    read: list[list[int]] = []  # token offsets of the windows this rank's trainer read, per micro-batch
+    windows = trainer.train_windows
+    windows_batch = windows.batch
+    windows.batch = lambda indices: (read.append([int(windows.window_start(i)) for i in indices]),
+                                     windows_batch(indices))[1]
+    losses, grad_norms, samples = [], [], []
     for _ in range(STEPS):
-        losses.append(trainer.train_step()["loss"])
+        read.clear()
+        metrics = trainer.train_step()
+        losses.append(metrics["loss"])
+        grad_norms.append(metrics["grad_norm"])  # before clipping: a missing 1/N would show here, not in Adam's step
+        everyone = [None] * world_size
+        torch.distributed.all_gather_object(everyone, [i for micro in read for i in micro])
+        samples.append(sorted(i for rank_read in everyone for i in rank_read))
         trainer.step += 1
+    val_loss = trainer.evaluate()  # a collective: every rank takes part
+    val_tokens = sum(tokens for _, tokens in trainer.last_eval.values())
     weights = gather_fp32_state_dict(trainer.engine.module)  # a collective under ZeRO-3
-    samples = [sorted(i for micro in range(accum) for rank in range(world_size)
-                      for i in sample_indices(step=step, micro_step=micro, rank=rank, world_size=world_size,
-                                              micro_batch=micro_batch, grad_accum=accum))
-               for step in range(STEPS)]
     path = out_dir / f"{tag}.pt"
     if distributed.is_main_process():
-        torch.save({"weights": weights, "losses": losses, "samples": samples}, path)
+        torch.save({"weights": weights, "losses": losses, "grad_norms": grad_norms, "samples": samples,
+                    "val_loss": val_loss, "val_tokens": val_tokens}, path)
     trainer.engine.destroy()
     distributed.barrier()
     return path

@@ -1,0 +1,105 @@
+"""Resume on a different number of ranks through DeepSpeed's universal checkpoint.
+
+A ZeRO-1/2/3 checkpoint holds the fp32 master weights and Adam moments partitioned over the ranks that saved it:
+DeepSpeed refuses to load it with another world size ("Automatic adjustment of ZeRO's optimizer state
+partitioning with a new world size is not currently supported", shared/MACHINE_NOTES.md). Its answer is the
+*universal* checkpoint: `deepspeed.checkpoint.ds_to_universal` rewrites the partitions as one file per parameter
+and state (`zero/<name>/fp32.pt`, `exp_avg.pt`, `exp_avg_sq.pt`), and an engine with
+`checkpoint.load_universal` slices them for its own ranks.
+
+`CheckpointManager.load_latest` calls `needs_universal()` and, when the world size differs, `ensure_universal()`
+(rank 0 converts once, into `checkpoint_step_N/universal/`, written under a temporary name and renamed, so a
+crash never leaves a half-converted folder that a later resume would trust), then loads with
+`universal_load_tag()`. ZeRO-0 keeps whole, unpartitioned states and loads at any world size as it is.
+
+One command does the same by hand: `python tools/convert_checkpoint.py CKPT_DIR --to universal`.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+from pathlib import Path
+
+from engine.errors import CheckpointError
+
+UNIVERSAL_SUBDIR = "universal"
+"""The converted copy lives inside the checkpoint it came from, so pruning that checkpoint removes it too."""
+
+_OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+
+
+def saved_world_size(folder: str | Path) -> int | None:
+    """The number of data-parallel ranks that wrote a ZeRO-1/2/3 checkpoint (one optimizer partition file per
+    rank), or None for a ZeRO-0 checkpoint, whose optimizer state is whole and fits any world size."""
+    ranks = {int(m.group(1)) for p in Path(folder).iterdir() if (m := _OPTIM_FILE.match(p.name))}
+    return len(ranks) or None
+
+
+def needs_universal(folder: str | Path, world_size: int) -> bool:
+    """Whether loading `folder` with `world_size` ranks has to go through the universal format."""
+    saved = saved_world_size(folder)
+    return saved is not None and saved != world_size
+
+
+def universal_folder(folder: str | Path) -> Path:
+    return Path(folder) / UNIVERSAL_SUBDIR
+
+
+def universal_load_tag(tag: str) -> str:
+    """The tag to pass to `engine.load_checkpoint(checkpoint_dir, tag=...)` for the converted copy of `tag`."""
+    return f"{tag}/{UNIVERSAL_SUBDIR}"
+
+
+def ensure_universal(folder: str | Path, *, progress: bool = True) -> Path:
+    """Convert the DeepSpeed checkpoint `folder` to `folder/universal` unless that exists; returns it.
+
+    Single process (rank 0 only): ds_to_universal runs its extract and merge passes in this process when given
+    one worker, which keeps it off the training ranks' process group and bounded in memory (one parameter's
+    fragments at a time)."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    folder = Path(folder)
+    out = universal_folder(folder)
+    if out.is_dir():
+        return out
+    if saved_world_size(folder) is None:
+        raise CheckpointError(f"{folder} holds no ZeRO optimizer partitions (*_optim_states.pt): only ZeRO-1/2/3 "
+                              "checkpoints need (and can take) the universal format; ZeRO-0 loads at any world size")
+    tmp = folder / f".{UNIVERSAL_SUBDIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a conversion that was killed
+    args = argparse.Namespace(input_folder=str(folder), output_folder=str(tmp), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              # Our engines save no UNIVERSAL_CHECKPOINT_INFO (no tensor/pipeline parallelism
+                              # to describe); ds_to_universal's own flag adds the version-only record it needs.
+                              inject_missing_state=True)
+    try:
+        ds_to_universal.main(args)
+    except Exception as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not convert {folder} to DeepSpeed's universal format: {error}") from error
+    finally:
+        # ds_to_universal points a `latest_universal` file in the output's parent at the output; we load by
+        # explicit tag, so the pointer (to the temporary name) would only mislead.
+        (folder / "latest_universal").unlink(missing_ok=True)
+    tmp.rename(out)
+    return out
+
+
+def load_universal(engine, checkpoint_dir: str | Path, tag: str):
+    """Load checkpoint `tag`, saved at another world size, into `engine` (all ranks call this): rank 0 converts it
+    once, then every rank loads its own slice. Returns what `engine.load_checkpoint` returns."""
+    from engine import distributed
+
+    folder = Path(checkpoint_dir) / tag
+    if distributed.is_main_process():
+        ensure_universal(folder, progress=True)
+    distributed.barrier()
+    # `checkpoint.load_universal` is read only inside load_checkpoint (deepspeed/runtime/engine.py and the ZeRO
+    # optimizers' load_state_dict), so switching it on for this one load is the ds_config setting
+    # `"checkpoint": {"load_universal": true}` without rebuilding the engine; later saves are normal checkpoints.
+    engine._config.load_universal_checkpoint = True
+    try:
+        return engine.load_checkpoint(str(checkpoint_dir), tag=universal_load_tag(tag))
+    finally:
+        engine._config.load_universal_checkpoint = False

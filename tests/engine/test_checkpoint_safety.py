@@ -1,0 +1,152 @@
+"""Checkpoint storage errors and the weights-only check, in-process (no training): fast unit tests.
+
+Oracles: the files on disk before and after (byte-identical), PyTorch's own weights-only unpickler, and a
+malicious pickle whose payload leaves a marker file if it ever runs.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.checkpoint import CheckpointManager, atomic_torch_save
+from engine.checkpoint_commit import MANIFEST, damage_of
+from engine.errors import CheckpointError, UnsafeCheckpointError
+from engine.safe_load import verify_folder, verify_weights_only
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+class FakeEngine:
+    """Just enough of a DeepSpeed engine for CheckpointManager.save: a module, and a save that writes part of a
+    file and then fails the way the disk would."""
+
+    def __init__(self, error: OSError | None):
+        self.module = torch.nn.Linear(4, 4)
+        self.error = error
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True)
+        torch.save({"module": self.module.state_dict()}, folder / "mp_rank_00_model_states.pt")
+        if self.error is not None:
+            (folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"\0" * 100)
+            raise self.error
+
+
+def committed_run(tmp_path: Path) -> tuple[CheckpointManager, Path]:
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=3, run_record={"run_config": {"x": 1}})
+    manager.prepare(resume=True)
+    manager.save(FakeEngine(None), 2, {"step": 2})
+    return manager, tmp_path / "ckpt"
+
+
+@pytest.mark.parametrize("code, hint", [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "read-only"),
+                                        (errno.EACCES, "permission denied")])
+def test_a_failing_save_says_why_and_loses_nothing(tmp_path, code, hint):
+    manager, root = committed_run(tmp_path)
+    before = snapshot(root)
+    with pytest.raises(CheckpointError, match=hint) as raised:
+        manager.save(FakeEngine(OSError(code, os.strerror(code), str(root / "x.pt"))), 4, {"step": 4})
+    assert "training.checkpoint_dir" in str(raised.value)
+    assert snapshot(root) == before  # the half-written temporary folder is gone, step 2 untouched
+
+
+def test_too_little_free_disk_is_refused_before_writing(tmp_path, monkeypatch):
+    manager, root = committed_run(tmp_path)
+    before = snapshot(root)
+    needed = sum(json.loads((root / "checkpoint_step_2" / MANIFEST).read_text())["files"].values())
+    monkeypatch.setattr("shutil.disk_usage", lambda path: shutil._ntuple_diskusage(needed * 4, 0, needed // 2))
+    with pytest.raises(CheckpointError, match="not enough free disk") as raised:
+        manager.save(FakeEngine(None), 4, {"step": 4})
+    assert f"{needed / 2**20:,.1f} MiB" in str(raised.value)  # the size of the previous checkpoint
+    assert snapshot(root) == before
+
+
+def test_a_committed_checkpoint_is_never_rewritten(tmp_path):
+    manager, root = committed_run(tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in (root / "checkpoint_step_2").iterdir()}
+    time.sleep(0.01)
+    manager.save(FakeEngine(None), 2, {"step": 2})
+    assert {p: p.stat().st_mtime_ns for p in (root / "checkpoint_step_2").iterdir()} == before
+
+
+def test_damage_is_found_from_the_manifest(tmp_path):
+    _, root = committed_run(tmp_path)
+    folder = root / "checkpoint_step_2"
+    assert damage_of(folder) is None
+    model = folder / "mp_rank_00_model_states.pt"
+    model.write_bytes(model.read_bytes()[:100])
+    assert "mp_rank_00_model_states.pt has 100 bytes" in damage_of(folder)
+
+
+def test_checkpoint_dir_that_is_a_file_or_an_earlier_run(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file, not a folder"):
+        CheckpointManager(tmp_path / "file", keep_last=3, run_record={}).prepare(resume=True)
+    _, root = committed_run(tmp_path)
+    before = snapshot(root)
+    with pytest.raises(CheckpointError, match="holds checkpoints of an earlier run") as raised:
+        CheckpointManager(root, keep_last=3, run_record={}).prepare(resume=False)
+    assert "checkpoint_step_2" in str(raised.value) and "training.resume=true" in str(raised.value)
+    assert snapshot(root) == before
+
+
+class Payload:
+    """Unpickling this runs `open(marker, 'w')`: what a tampered checkpoint would do with os.system."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "evil": Payload(str(marker))}, path)
+    with pytest.raises(UnsafeCheckpointError, match="refers to code"):
+        verify_weights_only(path)
+    assert not marker.exists()
+    with pytest.raises(pickle.UnpicklingError):  # the oracle: PyTorch's own weights-only loader refuses it too
+        torch.load(path, weights_only=True)
+
+
+def test_deepspeed_optimizer_states_pass(tmp_path):
+    """What DeepSpeed writes under ZeRO with mixed precision (loss scaler, ZeRO stage, fragment addresses)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    path = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": {"loss_scaler": LossScaler(1.0), "dynamic": DynamicLossScaler(
+                                             init_scale=2**16, scale_window=1000, min_scale=1, delayed_shift=2,
+                                             consecutive_hysteresis=False),
+                                         "zero_stage": ZeroStageEnum.gradients,
+                                         "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}]}}, path)
+    verify_folder(tmp_path)
+
+
+def test_atomic_export_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "final_model.pt"
+    atomic_torch_save({"a": torch.ones(3)}, target)
+    before = target.read_bytes()
+
+    def failing_save(obj, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError):
+        atomic_torch_save({"a": torch.zeros(3)}, target)
+    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["final_model.pt"]
