@@ -210,7 +210,7 @@ def time_contender(build: Callable[[], tuple[StepFn, Callable[[], None]]], batch
 
 def time_interleaved(builders: dict[str, Callable[[], tuple[StepFn, Callable[[], None]]]],
                      batches: list[torch.Tensor], *, warmup: int, device: str,
-                     errors: dict[str, str]) -> dict[str, list[Timing]]:
+                     errors: dict[str, str], on_step: Callable[[], None] | None = None) -> dict[str, list[Timing]]:
     """All contenders alive at once, timed one step each in turn (a, b, c, a, b, c, ...): on a shared machine a
     burst of load then slows every contender alike, where whole runs in turn would hand it to one. One Timing per
     step. Peak memory is not measured (the contenders share the allocator); that is what time_contender is for."""
@@ -239,6 +239,8 @@ def time_interleaved(builders: dict[str, Callable[[], tuple[StepFn, Callable[[],
                 timings.setdefault(name, []).append(Timing(seconds=time.perf_counter() - start,
                                                            tokens=batch.size(0) * (batch.size(1) - 1),
                                                            peak_bytes=None, final_loss=float(loss)))
+            if on_step is not None:
+                on_step()
     finally:
         for cleanup in cleanups:
             cleanup()

@@ -218,10 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     errors: dict[str, str] = {}
     interleave = args.interleave == "yes" or (args.interleave == "auto" and not on_cuda)
     if interleave:
-        for _ in tqdm(range(args.repeats), desc="timing (interleaved)", file=sys.stderr):
-            for name, runs in time_interleaved({name: builders[name] for name in contenders if name not in errors},
-                                               batches, warmup=args.warmup, device=device, errors=errors).items():
-                timings[name] += runs
+        with tqdm(total=args.repeats * args.steps, desc="timing (interleaved steps)", file=sys.stderr) as bar:
+            for _ in range(args.repeats):
+                live = {name: builders[name] for name in contenders if name not in errors}
+                for name, runs in time_interleaved(live, batches, warmup=args.warmup, device=device, errors=errors,
+                                                   on_step=lambda: bar.update(1)).items():
+                    timings[name] += runs
     with tqdm(total=0 if interleave else args.repeats * len(contenders), desc="timing", file=sys.stderr,
               disable=interleave) as bar:
         for _ in range(0 if interleave else args.repeats):
