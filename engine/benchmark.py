@@ -210,14 +210,14 @@ def time_contender(build: Callable[[], tuple[StepFn, Callable[[], None]]], batch
 
 def time_interleaved(builders: dict[str, Callable[[], tuple[StepFn, Callable[[], None]]]],
                      batches: list[torch.Tensor], *, warmup: int, device: str,
-                     errors: dict[str, str], on_step: Callable[[], None] | None = None) -> dict[str, list[Timing]]:
+                     errors: dict[str, str], into: dict[str, list[Timing]],
+                     on_step: Callable[[], None] | None = None) -> None:
     """All contenders alive at once, timed one step each in turn (a, b, c, a, b, c, ...): on a shared machine a
     burst of load then slows every contender alike, where whole runs in turn would hand it to one. One Timing per
-    step. Peak memory is not measured (the contenders share the allocator); that is what time_contender is for."""
+    step, appended to `into[name]` as it is measured (an interrupted run keeps what it measured). Peak memory is not measured (the contenders share the allocator); that is what time_contender is for."""
     on_cuda = device.startswith("cuda")
     steps: dict[str, StepFn] = {}
     cleanups: list[Callable[[], None]] = []
-    timings: dict[str, list[Timing]] = {}
     try:
         for name, build in builders.items():
             try:
@@ -236,7 +236,7 @@ def time_interleaved(builders: dict[str, Callable[[], tuple[StepFn, Callable[[],
                 loss = step(batch)
                 if on_cuda:
                     torch.cuda.synchronize()
-                timings.setdefault(name, []).append(Timing(seconds=time.perf_counter() - start,
+                into.setdefault(name, []).append(Timing(seconds=time.perf_counter() - start,
                                                            tokens=batch.size(0) * (batch.size(1) - 1),
                                                            peak_bytes=None, final_loss=float(loss)))
             if on_step is not None:
@@ -244,4 +244,3 @@ def time_interleaved(builders: dict[str, Callable[[], tuple[StepFn, Callable[[],
     finally:
         for cleanup in cleanups:
             cleanup()
-    return timings
