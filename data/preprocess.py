@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,7 +235,7 @@ def _run(source: DocumentSource, options: PreprocessOptions, tokenizer: Tokenize
     start_position = state["num_documents_read"]
     num_tokens = state["num_train_tokens"] + state["num_val_tokens"]
     # Opened with the first result, so that an input rejected at its first document prints only the error.
-    bar = None
+    bar, started = None, time.time()
 
     num_read = [start_position]
 
@@ -278,6 +279,7 @@ def _run(source: DocumentSource, options: PreprocessOptions, tokenizer: Tokenize
             if bar is None:
                 bar = tqdm(total=options.max_tokens, initial=num_tokens, unit="tok", unit_scale=True,
                            desc=source.name, disable=not options.progress, dynamic_ncols=True, mininterval=1.0)
+                bar.start_t = started  # rates count from the start of reading, not from the first result
             offsets = np.concatenate([[0], np.cumsum(lengths)])
             for (is_val, dedup_hash, position), start, stop in zip(info, offsets[:-1], offsets[1:]):
                 pairs.add(tokens[start:stop], is_val=is_val, dedup_hash=dedup_hash, position=position,

@@ -103,7 +103,8 @@ def _existing_tokenizer(config: DataConfig) -> Path | None:
 
 
 def _readers(folder: Path, names: list[str], vocab_size: int) -> list[TokenShardReader]:
-    return [open_checked_shard(folder / name, vocab_size=vocab_size) for name in names]
+    # min_tokens=0: a pair's validation shard may be empty; TokenWindows checks the set holds one window.
+    return [open_checked_shard(folder / name, vocab_size=vocab_size, min_tokens=0) for name in names]
 
 
 def open_training_data(config: DataConfig, *, vocab_size: int, seq_len: int, seed: int) -> TrainingData:

@@ -28,9 +28,9 @@ from engine.errors import CheckpointError, TrainingError
 from engine.export import load_initial_weights
 from engine.faults import kill_point
 from engine.metrics import MetricsLogger, peak_memory_bytes
-from engine.model_setup import build_model
 from engine.param_groups import param_groups
 from engine.schedule import warmup_cosine_scheduler
+from engine.model_setup import build_model
 from model import ModelConfig, create_model
 
 # Primes that decorrelate the per-step RNG seeds of different runs, steps and ranks.

@@ -5,8 +5,9 @@
 
 A family is an nn.Module built as Class(ModelConfig) whose forward(idx, targets=None) returns (logits, loss) and
 whose generate() samples (model/sampling.py's decode loop). The memory plan reads its parameter shapes from the
-model built on the meta device; the bytes a block saves for backward are the family's own fact, stated as
-`activation_bytes_per_token` beside its code (without it the plan assumes a Transformer block of the same size).
+model built on the meta device; the per-token costs (bytes a block saves for backward, FLOPs) are the family's
+own facts, stated in a `costs` module named by its ModelEntry (here this file; the built-in families use
+model/transformer_costs.py and model/mamba_costs.py, which list the functions a costs module provides).
 """
 from __future__ import annotations
 
@@ -36,11 +37,6 @@ class ResidualMLP(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(config.d_model, config.d_model) for _ in range(config.n_layers))
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
 
-    @staticmethod
-    def activation_bytes_per_token(config: ModelConfig, act_bytes: int) -> int:
-        """Per block: the Linear's input and GELU's input (both d_model wide)."""
-        return 2 * act_bytes * config.d_model
-
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         x = self.embedding(idx)  # (B, T, d)
         for layer in self.layers:
@@ -53,6 +49,28 @@ class ResidualMLP(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_id=None):
         return decode(idx, self(idx)[0][:, -1], lambda next_id, _: self(next_id)[0][:, -1],
                       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, eos_id=eos_id)
+
+
+# ---- the family's costs (ModelEntry.costs names this module) -------------------------------------------------
+def layer_activation_bytes(m: ModelConfig, act_bytes: int, *, seq_len: int, on_cuda: bool = True,
+                           fused_ssm_kernels: bool = True) -> int:
+    """Per block and token: the Linear's input and GELU's input (both d_model wide)."""
+    return 2 * act_bytes * m.d_model
+
+
+def layer_input_bytes(m: ModelConfig, act_bytes: int) -> int:
+    """Per token, what a checkpointed block keeps: its input."""
+    return act_bytes * m.d_model
+
+
+def head_activation_bytes(m: ModelConfig, act_bytes: int, *, on_cuda: bool = True) -> int:
+    """Per token outside the blocks: lm_head's input, token ids and targets (int64)."""
+    return act_bytes * m.d_model + 2 * 8
+
+
+def training_flops_per_token(m: ModelConfig, seq_len: int) -> int:
+    """6 FLOPs per matmul weight per token (forward 2, backward 4): the blocks' Linears and lm_head."""
+    return 6 * (m.n_layers * m.d_model * m.d_model + m.d_model * m.vocab_size)
 
 
 class CountingTrainer(Trainer):
@@ -72,7 +90,8 @@ class CountingTrainer(Trainer):
 
 if "residual_mlp" not in list_models():
     register_model("residual_mlp", ModelEntry(target=f"{__name__}:ResidualMLP",
-                                              description="example: residual MLP per token (examples/custom_family.py)"))
+                                              description="example: residual MLP per token (examples/custom_family.py)",
+                                              costs=__name__))
 
 if __name__ == "__main__":
     sys.exit(main(trainer_class=CountingTrainer, entry_script=__file__))

@@ -13,16 +13,14 @@ from dataclasses import dataclass
 
 from model.config import ModelConfig
 from model.losses import loss_peak_bytes
-from model import transformer_costs
-from model.registry import create_model_on, family_costs, list_models, model_class
+from model.registry import create_model_on, family_costs
 
 
 @functools.lru_cache(maxsize=32)
 def _meta_shapes(model_type: str, config_json: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     config = ModelConfig.model_validate_json(config_json)
     model = create_model_on(model_type, config, device="meta")
-    return tuple((name, tuple(p.shape)) for name, p in model.named_parameters()  # a tied matrix once
-                 if p.requires_grad)
+    return tuple((name, tuple(p.shape)) for name, p in model.named_parameters())  # a tied matrix once
 
 
 def parameter_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -56,56 +54,22 @@ def parameter_stats(model: ModelConfig, persistence_threshold: int) -> Parameter
 
 # ---- activations: stated by each family -------------------------------------------------------------------------
 
-class _RegisteredFamilyCosts:
-    """Costs of a family registered without a `costs` module (model.registry.register_model): its class may state
-    `activation_bytes_per_token(config, act_bytes)` per block beside its code; otherwise a Transformer block of the
-    same config is assumed (a stated guess, shown in the plan as any other figure). Head and checkpointed-input
-    bytes are the Transformer's; FLOPs are 6 x parameters per token (no attention term)."""
-
-    def __init__(self, model_type: str):
-        self.model_type = model_type
-
-    def layer_activation_bytes(self, m: ModelConfig, act_bytes: int, **_: object) -> int:
-        stated = getattr(model_class(self.model_type), "activation_bytes_per_token", None)
-        if stated is not None:
-            return int(stated(m, act_bytes))
-        return transformer_costs.transformer_layer_activation_bytes(m, act_bytes, kv_heads_repeated=True,
-                                                                    fused_rmsnorm=False)
-
-    def layer_input_bytes(self, m: ModelConfig, act_bytes: int) -> int:
-        return transformer_costs.layer_input_bytes(m, act_bytes)
-
-    def head_activation_bytes(self, m: ModelConfig, act_bytes: int, *, on_cuda: bool = True) -> int:
-        return transformer_costs.head_activation_bytes(m, act_bytes, on_cuda=on_cuda)
-
-    def training_flops_per_token(self, m: ModelConfig, seq_len: int) -> int:
-        return 6 * count_parameters(m)
-
-
-def _costs(m: ModelConfig):
-    """The family's own costs module, or the fallback for a family registered without one."""
-    entry = list_models().get(m.model_type)
-    if entry is not None and entry.costs is None:
-        return _RegisteredFamilyCosts(m.model_type)
-    return family_costs(m.model_type)
-
-
 def layer_activation_bytes(m: ModelConfig, act_bytes: int, *, seq_len: int, on_cuda: bool = True,
                            fused_ssm_kernels: bool = True) -> int:
     """Bytes one block saves for backward per token. on_cuda: the family's CUDA kernels run (False: the CPU
     ones); fused_ssm_kernels: mamba-ssm's kernels run (CUDA with mamba-ssm installed)."""
-    return _costs(m).layer_activation_bytes(m, act_bytes, seq_len=seq_len, on_cuda=on_cuda,
+    return family_costs(m.model_type).layer_activation_bytes(m, act_bytes, seq_len=seq_len, on_cuda=on_cuda,
                                                              fused_ssm_kernels=fused_ssm_kernels)
 
 
 def layer_input_bytes(m: ModelConfig, act_bytes: int) -> int:
     """Bytes per token a checkpointed block keeps: its input."""
-    return _costs(m).layer_input_bytes(m, act_bytes)
+    return family_costs(m.model_type).layer_input_bytes(m, act_bytes)
 
 
 def head_activation_bytes(m: ModelConfig, act_bytes: int, *, on_cuda: bool = True) -> int:
     """Per token, outside the blocks: the final norm and its output (lm_head's input), token ids and targets."""
-    return _costs(m).head_activation_bytes(m, act_bytes, on_cuda=on_cuda)
+    return family_costs(m.model_type).head_activation_bytes(m, act_bytes, on_cuda=on_cuda)
 
 
 def logits_bytes(m: ModelConfig, act_bytes: int, *, tokens: int, chunked: bool) -> int:
@@ -122,5 +86,5 @@ def logits_bytes_per_token(m: ModelConfig, act_bytes: int) -> int:
 
 def training_flops_per_token(m: ModelConfig, seq_len: int) -> int:
     """Model FLOPs of one training token, as the family counts them (the MFU numerator)."""
-    return _costs(m).training_flops_per_token(m, seq_len)
+    return family_costs(m.model_type).training_flops_per_token(m, seq_len)
 

@@ -70,6 +70,12 @@ def test_two_source_mixture_trains_and_resumes_exactly(tmp_path, shard_sets, pro
     result = straight.train()
     assert result.final_val_loss < math.log(8192) - 0.5
     assert set(straight.last_eval) == {"web", "books"}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "a" / "out" / "tensorboard"))
+    events.Reload()
+    assert {"val/loss", "val/loss/web", "val/loss/books"} <= set(events.Tags()["scalars"])
+    assert events.Scalars("val/loss/books")[-1].value == pytest.approx(straight.last_eval["books"][0])
     global_batch = 4 * 2 * 1
     positions = straight.source_positions.tolist()
     assert sum(positions) == 6 * global_batch
