@@ -15,16 +15,22 @@ TRAIN_TAG, VAL_TAG = "train/loss", "val/loss"
 Curve = list[tuple[int, float]]
 
 
+def _wanted(tag: str, tags: tuple[str, ...]) -> bool:
+    # A mixture of data sources also logs one validation curve per source: val/loss/<source>.
+    return tag in tags or any(tag.startswith(f"{t}/") for t in tags)
+
+
 def read_scalar_curves(log_dir: str | Path, tags: tuple[str, ...] = (TRAIN_TAG, VAL_TAG)) -> dict[str, Curve]:
-    """{tag: [(step, value), ...]} over every event file under log_dir (several when a run was resumed); a
-    later file's value for the same step wins. Tags that were never written are absent."""
+    """{tag: [(step, value), ...]} over every event file under log_dir (several when a run was resumed), for each
+    of `tags` and the tags below them (`val/loss/<source>`); a later file's value for the same step wins. Tags that
+    were never written are absent."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     merged: dict[str, dict[int, float]] = {}
-    for events in sorted(Path(log_dir).rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+    for events in sorted(Path(log_dir).rglob("events.out.tfevents.*"), key=lambda p: (p.stat().st_mtime_ns, p.name)):
         accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})  # 0 = keep every point
         accumulator.Reload()
-        for tag in set(tags) & set(accumulator.Tags().get("scalars", [])):
+        for tag in (t for t in accumulator.Tags().get("scalars", []) if _wanted(t, tags)):
             merged.setdefault(tag, {}).update({e.step: e.value for e in accumulator.Scalars(tag)})
     return {tag: sorted(points.items()) for tag, points in merged.items()}
 

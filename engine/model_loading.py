@@ -1,6 +1,7 @@
 """Load trained weights for evaluation from any of the forms a run leaves: a plain `.pt` (final_model.pt,
 best_model.pt), a resumable DeepSpeed folder (the checkpoint directory or one `checkpoint_step_N`), or an
-exported folder (safetensors with this project's config, or a `transformers` folder)."""
+exported folder (safetensors with this project's config, or a `transformers` folder). The weights come out through
+engine/export.py, the checkpoint-conversion code, so evaluation reads exactly what conversion writes."""
 from __future__ import annotations
 
 import json
@@ -64,31 +65,22 @@ def _load_pt(path: Path) -> LoadedModel:
                        source=path, run_config=ckpt.get("run_config") or {}, extra=extra)
 
 
-def _deepspeed_root_and_tag(folder: Path) -> tuple[Path, str] | None:
-    if TAG_PATTERN.match(folder.name) and any(folder.glob("*model_states.pt")):
-        return folder.parent, folder.name
-    tag = latest_tag(folder)
-    return (folder, tag) if tag else None
+def _is_deepspeed_folder(folder: Path) -> bool:
+    return (TAG_PATTERN.match(folder.name) is not None and any(folder.glob("*model_states.pt"))) or \
+        latest_tag(folder) is not None
 
 
-def _load_deepspeed(root: Path, tag: str) -> LoadedModel:
-    folder = root / tag
-    run_config_path = folder / "run_config.json"
-    if not run_config_path.is_file():
-        raise CheckpointError(f"{folder} has no run_config.json: not a checkpoint of this project")
-    run_config = json.loads(run_config_path.read_text())
-    config = ModelConfig(**run_config["model"])
-    if any(folder.glob("*zero_pp_rank_*optim_states.pt")):
-        # DeepSpeed's own consolidation of ZeRO partitions into fp32 weights (exact, see MACHINE_NOTES/README).
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def _load_deepspeed(path: Path) -> LoadedModel:
+    # engine/export.py (checkpoint conversion): the fp32 master weights of any ZeRO stage and world size, through
+    # DeepSpeed's get_fp32_state_dict_from_zero_checkpoint (ZeRO-1/2/3) or the optimizer's masters (ZeRO-0).
+    from engine.export import fp32_state_dict, load_model_config, resolve_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    else:  # ZeRO-0: the module's full state dict is in the model-states file
-        [states_file] = sorted(folder.glob("mp_rank_*_model_states.pt"))[:1]
-        state = torch.load(states_file, map_location="cpu", weights_only=False)["module"]
-    step = TAG_PATTERN.match(tag)
-    return LoadedModel(model=_build(config, state, folder), model_config=config, kind="deepspeed", source=folder,
-                       run_config=run_config, extra={"step": int(step.group(1))} if step else {})
+    folder = resolve_checkpoint(path)
+    config, run_config = load_model_config(folder)
+    step = TAG_PATTERN.match(folder.name)
+    return LoadedModel(model=_build(config, fp32_state_dict(folder, config), folder), model_config=config,
+                       kind="deepspeed", source=folder, run_config=run_config,
+                       extra={"step": int(step.group(1))} if step else {})
 
 
 def _load_exported(folder: Path) -> LoadedModel:
@@ -101,11 +93,9 @@ def _load_exported(folder: Path) -> LoadedModel:
 
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
         return LoadedModel(model=model, model_config=None, kind="transformers", source=folder)
-    from safetensors.torch import load_file
+    from engine.export import read_safetensors_folder
 
-    state: dict[str, torch.Tensor] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(str(shard)))
+    state = read_safetensors_folder(folder)
     fields = config_json.get("model_config", config_json.get("config", config_json))
     config = ModelConfig(**{k: v for k, v in fields.items() if k in ModelConfig.model_fields})
     return LoadedModel(model=_build(config, state, folder), model_config=config, kind="safetensors", source=folder,
@@ -121,8 +111,8 @@ def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> 
                               "exported folder")
     if path.is_file():
         loaded = _load_pt(path)
-    elif (found := _deepspeed_root_and_tag(path)) is not None:
-        loaded = _load_deepspeed(*found)
+    elif _is_deepspeed_folder(path):
+        loaded = _load_deepspeed(path)
     elif ((path / "model_config.json").is_file() or (path / "config.json").is_file()) and \
             any(path.glob("*.safetensors")):
         loaded = _load_exported(path)

@@ -104,6 +104,8 @@ class Trainer:
         model.gradient_checkpointing = bool(self.training.activation_checkpointing is True)
         if self.training.init_from and not (self.training.resume and latest_tag(self.training.checkpoint_dir)):
             load_initial_weights(model, self.training.init_from, self.model_config)
+            if distributed.is_main_process():
+                print(f"initialised from {self.training.init_from}", flush=True)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, self.training.weight_decay), config=self.ds_config,
             lr_scheduler=warmup_cosine_scheduler(warmup_steps=self.training.warmup_steps,

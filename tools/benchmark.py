@@ -24,11 +24,12 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from data import DataConfig, Tokenizer  # noqa: E402
+from data import DataConfig  # noqa: E402
 from data.corpus import load_corpus  # noqa: E402
 from data.errors import DataError  # noqa: E402
 from data.eval_sets import EVAL_SETS, fetch_eval_set, hub_reachable, read_eval_set  # noqa: E402
 from data.prepare import load_prepared  # noqa: E402
+from data.training_data import open_training_data  # noqa: E402
 from engine.baselines import BASELINES, load_transformers_baseline, score_all, scorable_checkpoint  # noqa: E402
 from engine.errors import TrainingError  # noqa: E402
 from engine.model_loading import load_trained_model  # noqa: E402
@@ -81,6 +82,9 @@ def texts_to_score(args: argparse.Namespace, run_config: dict) -> tuple[str, lis
     if wikitext:
         return f"WikiText-103 test ({len(wikitext)} articles)", wikitext
     data = DataConfig(**run_config.get("data", {}))
+    if data.sources:
+        raise DataError("the checkpoint was trained on data.sources, whose raw validation text is not kept: pass "
+                        "--text_file, or fetch WikiText-103 with --datasets-only")
     texts = list(load_corpus(data).val)[:args.max_documents]
     return f"validation documents of {data.dataset} ({len(texts)})", texts
 
@@ -94,11 +98,12 @@ def compare(args: argparse.Namespace) -> dict:
             continue
         run_config = run_config or loaded.run_config
         data = DataConfig(**loaded.run_config.get("data", {}))
-        prepared = load_prepared(data, vocab_size=loaded.model_config.vocab_size)
-        if prepared is None:
+        vocab_size = loaded.model_config.vocab_size
+        if not data.sources and load_prepared(data, vocab_size=vocab_size) is None:
             raise DataError(f"{path}: its tokenizer is not in {data.cache_dir} (prepare the data or train once)")
-        models.append(scorable_checkpoint(str(path), loaded.model, Tokenizer(prepared.tokenizer_path),
-                                          loaded.model_config.max_seq_len))
+        tokenizer = open_training_data(data, vocab_size=vocab_size, seq_len=loaded.model_config.max_seq_len,
+                                       seed=0).tokenizer
+        models.append(scorable_checkpoint(str(path), loaded.model, tokenizer, loaded.model_config.max_seq_len))
     notes = []
     for name in args.baseline or list(BASELINES):
         try:

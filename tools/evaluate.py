@@ -22,12 +22,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from data import DataConfig, TokenShardReader, Tokenizer  # noqa: E402
+from data import DataConfig  # noqa: E402
 from data.errors import DataError  # noqa: E402
 from data.eval_sets import lambada_split, read_eval_set  # noqa: E402
 from data.prepare import load_prepared  # noqa: E402
+from data.training_data import open_training_data  # noqa: E402
 from engine.errors import TrainingError  # noqa: E402
 from engine.eval_report import write_report  # noqa: E402
 from engine.evaluation import (last_word_accuracy, model_logits_fn, score_texts,  # noqa: E402
@@ -77,11 +79,12 @@ def evaluate(args: argparse.Namespace) -> dict:
     data = DataConfig(**run_config.get("data", {}))
     if args.data_cache:
         data = data.model_copy(update={"cache_dir": args.data_cache})
-    prepared = load_prepared(data, vocab_size=config.vocab_size)
-    if prepared is None:
+    if not data.sources and load_prepared(data, vocab_size=config.vocab_size) is None:
         raise DataError(f"no prepared data for {data.dataset} (vocab {config.vocab_size}) under {data.cache_dir}: "
                         "pass --data_cache, or train once so that the data is prepared")
-    tokenizer = Tokenizer(prepared.tokenizer_path)
+    # The data exactly as the trainer opens it: the catalog corpus or every data.sources entry, checked shards.
+    training_data = open_training_data(data, vocab_size=config.vocab_size, seq_len=config.max_seq_len, seed=0)
+    tokenizer = training_data.tokenizer
     logits_fn = model_logits_fn(loaded.model)
     window, eos = config.max_seq_len, tokenizer.eos_id
     report = {"checkpoint": str(checkpoint), "kind": loaded.kind, "model": f"{config.model_type}, "
@@ -89,10 +92,16 @@ def evaluate(args: argparse.Namespace) -> dict:
               "device": args.device, "created_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
               "stored": loaded.extra, "scores": {}, "notes": []}
     with torch.no_grad():
-        val = score_token_stream(logits_fn, TokenShardReader(prepared.val_prefix).tokens, separator_id=eos,
-                                 decode=tokenizer.decode, window=window, batch_size=args.batch_size,
-                                 device=args.device, max_tokens=args.max_tokens, progress=True, desc="validation")
-        report["scores"]["validation"] = val.as_dict()
+        for source in training_data.sources:
+            if source.val is None:
+                continue
+            # Every shard (part) holds whole documents, each ending with eos: the parts join into one stream.
+            name = "validation" if len(training_data.sources) == 1 else f"validation/{source.name}"
+            val = score_token_stream(logits_fn, np.concatenate([np.asarray(p) for p in source.val.parts]),
+                                     separator_id=eos, decode=tokenizer.decode, window=window,
+                                     batch_size=args.batch_size, device=args.device, max_tokens=args.max_tokens,
+                                     progress=True, desc=name)
+            report["scores"][name] = val.as_dict()
         wikitext = read_eval_set("wikitext103_test", data.cache_dir, args.max_documents)
         if wikitext:
             score = score_texts(logits_fn, wikitext, encode=tokenizer.encode, separator_id=eos, window=window,
@@ -121,7 +130,9 @@ def evaluate(args: argparse.Namespace) -> dict:
             out = loaded.model.generate(torch.tensor([ids], device=args.device), args.max_new_tokens,
                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                         eos_id=eos)
-            report["samples"].append({"prompt": prompt, "text": prompt + tokenizer.decode(out[0, len(ids):].tolist())})
+            # A model may have more ids than its tokenizer (a padded vocabulary); those ids have no text.
+            new_ids = [i for i in out[0, len(ids):].tolist() if i < tokenizer.vocab_size]
+            report["samples"].append({"prompt": prompt, "text": prompt + tokenizer.decode(new_ids)})
     log_dir = Path(args.log_dir or Path(run_config.get("training", {}).get("output_dir", "./outputs")) / "tensorboard")
     curves = read_scalar_curves(log_dir) if log_dir.is_dir() else {}
     stem = f"eval_{checkpoint.stem if checkpoint.is_file() else checkpoint.name}"
