@@ -94,7 +94,7 @@ class Trainer:
 
         if get_accelerator().device_name() == "cpu":
             # Decaying SSM states and small gradients underflow into denormals, which x86 handles ~100x slower;
-            # flushing them made the CPU Mamba scan ~7x faster (shared/MACHINE_NOTES.md). GPUs flush already.
+            # flushing them made the CPU Mamba scan ~7x faster (docs/machine_notes.md). GPUs flush already.
             torch.set_flush_denormal(True)
         torch.manual_seed(self.training.seed)
         # ZeRO-3: partitioned while created; ZeRO 0-2 on CUDA: on the GPU in the training dtype (no host copy).

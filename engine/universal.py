@@ -2,7 +2,7 @@
 
 A ZeRO-1/2/3 checkpoint holds the fp32 master weights and Adam moments partitioned over the ranks that saved it:
 DeepSpeed refuses to load it with another world size ("Automatic adjustment of ZeRO's optimizer state
-partitioning with a new world size is not currently supported", shared/MACHINE_NOTES.md). Its answer is the
+partitioning with a new world size is not currently supported", docs/machine_notes.md). Its answer is the
 *universal* checkpoint: `deepspeed.checkpoint.ds_to_universal` rewrites the partitions as one file per parameter
 and state (`zero/<name>/fp32.pt`, `exp_avg.pt`, `exp_avg_sq.pt`), and an engine with
 `checkpoint.load_universal` slices them for its own ranks.
