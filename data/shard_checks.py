@@ -36,3 +36,11 @@ def open_checked_shard(prefix: str | Path, *, vocab_size: int, min_tokens: int =
                         f"{vocab_size} ids: the shard was made with another tokenizer; set model.vocab_size to "
                         "the tokenizer's size, or delete the cache folder to re-tokenize")
     return reader
+
+
+def check_tokenizer_fits(tokenizer_vocab_size: int, tokenizer_path: str | Path, *, vocab_size: int) -> None:
+    """DataError naming the tokenizer file when it has more ids than the model's vocabulary (checked before the
+    shards, whose out-of-range ids would otherwise be the first symptom)."""
+    if tokenizer_vocab_size > vocab_size:
+        raise DataError(f"the tokenizer {tokenizer_path} has {tokenizer_vocab_size} tokens but model.vocab_size is "
+                        f"{vocab_size}: set model.vocab_size to {tokenizer_vocab_size} or use a tokenizer of that size")

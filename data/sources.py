@@ -19,7 +19,7 @@ from data.errors import DataError
 
 # Suffix -> `datasets` packaged builder.
 BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-# Without network `load_dataset` retries for ~23 s (shared/MACHINE_NOTES.md); a 3 s TCP probe answers first.
+# Without network `load_dataset` retries for ~23 s (docs/machine_notes.md); a 3 s TCP probe answers first.
 NETWORK_PROBE_TIMEOUT_S = 3.0
 OFFLINE_HINT = ("use local files instead (a .txt/.jsonl/.json/.parquet file, glob or folder: "
                 "tools/preprocess_data.py --input PATH), or the embedded default corpus 'shakespeare'")

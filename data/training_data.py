@@ -18,7 +18,7 @@ from data.mixture import MixtureSampler
 from data.prepare import PreparedData, prepare_data
 from data.preprocess import TOKENIZER_FILE, PreprocessOptions, preprocess, read_shard_set_meta
 from data.sampler import TokenWindows
-from data.shard_checks import open_checked_shard
+from data.shard_checks import check_tokenizer_fits, open_checked_shard
 from data.shards import TokenShardReader
 from data.sources import resolve_source
 from data.tokenizer import Tokenizer, tokenizer_sha256
@@ -111,13 +111,15 @@ def open_training_data(config: DataConfig, *, vocab_size: int, seq_len: int, see
     """Open the (already prepared) data read-only; every rank calls it."""
     if not config.sources:
         prepared = prepare_data(config, vocab_size=vocab_size, progress=False)
+        tokenizer = Tokenizer(prepared.tokenizer_path)
+        check_tokenizer_fits(tokenizer.vocab_size, prepared.tokenizer_path, vocab_size=vocab_size)
         source = SourceData(
             name=config.dataset, weight=1.0,
             train=TokenWindows(open_checked_shard(prepared.train_prefix, vocab_size=vocab_size,
                                                   min_tokens=seq_len + 1).tokens, seq_len, seed=seed),
             val=TokenWindows(open_checked_shard(prepared.val_prefix, vocab_size=vocab_size,
                                                 min_tokens=seq_len + 1).tokens, seq_len, seed=seed, shuffle=False))
-        return TrainingData(tokenizer=Tokenizer(prepared.tokenizer_path), sources=[source],
+        return TrainingData(tokenizer=tokenizer, sources=[source],
                             mixture=MixtureSampler([1.0], [source.name]), prepared=prepared)
 
     tokenizer_path = Path(config.tokenizer) if config.tokenizer else _existing_tokenizer(config)
@@ -126,6 +128,7 @@ def open_training_data(config: DataConfig, *, vocab_size: int, seq_len: int, see
     if not tokenizer_path.is_file():
         raise DataError(f"tokenizer {tokenizer_path} does not exist: set data.tokenizer to the SentencePiece model "
                         "the shards were made with")
+    check_tokenizer_fits(Tokenizer(tokenizer_path).vocab_size, tokenizer_path, vocab_size=vocab_size)
     expected_hash = tokenizer_sha256(tokenizer_path)
     sources = []
     for index, source in enumerate(config.sources):

@@ -75,13 +75,17 @@ def deepspeed_contender(setup: BenchSetup, ds_config: dict[str, Any]) -> tuple[S
     import deepspeed
 
     from engine.model_setup import build_model
-    from engine.trainer import param_groups
+    from engine.param_groups import param_groups
+    from engine.schedule import warmup_cosine_scheduler
 
     model = build_model(setup.model, ds_config=ds_config, precision=setup.training.precision, device=setup.device,
                         compiled=setup.training.compile_blocks)
     model.gradient_checkpointing = setup.activation_checkpointing
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, setup.training.weight_decay),
-                                      config=ds_config)
+    cfg = setup.training
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.weight_decay),
+                                      config=ds_config, lr_scheduler=warmup_cosine_scheduler(
+                                          warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
+                                          min_lr_ratio=cfg.min_lr_ratio))
 
     def step(batch: torch.Tensor) -> torch.Tensor:
         _, loss = engine(batch[:, :-1], targets=batch[:, 1:])
@@ -95,7 +99,7 @@ def deepspeed_contender(setup: BenchSetup, ds_config: dict[str, Any]) -> tuple[S
 def _plain_loop(model: torch.nn.Module, setup: BenchSetup,
                 loss_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]) -> StepFn:
     """AdamW + clipping + autocast around `loss_fn(model, batch)`: the loop a PyTorch user writes."""
-    from engine.trainer import param_groups
+    from engine.param_groups import param_groups
 
     cfg = setup.training
     on_cuda = setup.device.startswith("cuda")
@@ -206,14 +210,14 @@ def time_contender(build: Callable[[], tuple[StepFn, Callable[[], None]]], batch
 
 def time_interleaved(builders: dict[str, Callable[[], tuple[StepFn, Callable[[], None]]]],
                      batches: list[torch.Tensor], *, warmup: int, device: str,
-                     errors: dict[str, str]) -> dict[str, list[Timing]]:
+                     errors: dict[str, str], into: dict[str, list[Timing]],
+                     on_step: Callable[[], None] | None = None) -> None:
     """All contenders alive at once, timed one step each in turn (a, b, c, a, b, c, ...): on a shared machine a
     burst of load then slows every contender alike, where whole runs in turn would hand it to one. One Timing per
-    step. Peak memory is not measured (the contenders share the allocator); that is what time_contender is for."""
+    step, appended to `into[name]` as it is measured (an interrupted run keeps what it measured). Peak memory is not measured (the contenders share the allocator); that is what time_contender is for."""
     on_cuda = device.startswith("cuda")
     steps: dict[str, StepFn] = {}
     cleanups: list[Callable[[], None]] = []
-    timings: dict[str, list[Timing]] = {}
     try:
         for name, build in builders.items():
             try:
@@ -232,10 +236,11 @@ def time_interleaved(builders: dict[str, Callable[[], tuple[StepFn, Callable[[],
                 loss = step(batch)
                 if on_cuda:
                     torch.cuda.synchronize()
-                timings.setdefault(name, []).append(Timing(seconds=time.perf_counter() - start,
+                into.setdefault(name, []).append(Timing(seconds=time.perf_counter() - start,
                                                            tokens=batch.size(0) * (batch.size(1) - 1),
                                                            peak_bytes=None, final_loss=float(loss)))
+            if on_step is not None:
+                on_step()
     finally:
         for cleanup in cleanups:
             cleanup()
-    return timings

@@ -20,7 +20,7 @@ def init_distributed() -> None:
         return
     if get_accelerator().device_name() == "cpu":
         # DeepSpeed JIT-builds its shared-memory all-reduce op (35-65 s) whenever a CPU process group starts;
-        # it serves only inference all-reduce, which training never calls (see shared/MACHINE_NOTES.md).
+        # it serves only inference all-reduce, which training never calls (see docs/machine_notes.md).
         # `import deepspeed.comm.torch as m` would bind the real torch package, hence import_module.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     use_timeout_for_new_groups(COLLECTIVE_TIMEOUT)

@@ -23,8 +23,11 @@ from engine.export import (DEFAULT_MAX_SHARD_BYTES, check_weights, iter_fp32_wei
 from model import ModelConfig
 from model.hf_interop import hf_mapping, model_config_from_hf
 
-# data/tokenizer.py trains SentencePiece with Llama's special ids: unk 0, bos 1, eos 2, no pad.
-_BOS_ID, _EOS_ID = 1, 2
+# data/tokenizer.py trains SentencePiece with Llama's special ids: unk 0, bos 1, eos 2, no pad. The token shards
+# hold each document followed by eos and never a bos (data/prepare.py), so the model knows a document start as
+# "after eos": the exported tokenizer and generation config begin a text with eos, as Trainer.prompt_ids does.
+_EOS_ID = 2
+_BOS_ID = _EOS_ID
 
 
 def _transformers():
@@ -68,7 +71,8 @@ def write_hf_folder(folder: str | Path, out_dir: str | Path, *, tokenizer_path: 
         spm_dir = tmp / ".spm"
         spm_dir.mkdir()
         shutil.copy(tokenizer_path, spm_dir / "tokenizer.model")
-        tokenizer = transformers.LlamaTokenizer.from_pretrained(spm_dir, add_bos_token=True, add_eos_token=False)
+        tokenizer = transformers.LlamaTokenizer.from_pretrained(spm_dir, add_bos_token=True, add_eos_token=False,
+                                                                bos_token="</s>")
         if len(tokenizer) > config.vocab_size:
             raise CheckpointError(f"{tokenizer_path} has {len(tokenizer)} tokens but the model only "
                                   f"{config.vocab_size}: pass the run's own tokenizer with --tokenizer")

@@ -1,6 +1,6 @@
 """Training metrics on rank 0: TensorBoard scalars and a progress bar.
 
-DeepSpeed's own monitor logs only the learning rate (see shared/MACHINE_NOTES.md), so loss, grad norm,
+DeepSpeed's own monitor logs only the learning rate (see docs/machine_notes.md), so loss, grad norm,
 throughput and memory are written here with tensorboard's SummaryWriter.
 """
 from __future__ import annotations

@@ -14,6 +14,7 @@ signalled.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -28,6 +29,12 @@ STOPPED_EXIT_CODE = 75
 EX_TEMPFAIL in sysexits.h ("try again later")."""
 SECOND_SIGNAL_GRACE_S = 3.0
 """Signals within this many seconds of the first are the same stop request (relayed by launchers)."""
+STEP_DEADLINE_S = 2.0
+"""A signal that arrives during a training step gives the step this many seconds plus 2x the longest step seen to
+finish, or the process exits at once: a rank stuck in a collective (its peer died, and the launcher is now
+terminating everyone) cannot finish its step, and waiting would only delay the job's end until the launcher's
+SIGKILL 30 s later. A step in progress has at most one step's time left, hence 2x. Evaluation, saves and exports
+have no deadline: they are never cut short."""
 
 _REASONS = {1: "SIGTERM", 2: "SIGINT", 3: "the time limit training.max_runtime", 4: "the launcher ending"}
 _CODES = {signal.SIGTERM: 1, signal.SIGINT: 2}
@@ -72,6 +79,10 @@ class StopController:
         self._first_signal_at: float | None = None
         self._previous: dict[int, object] = {}
         self._ancestors = launcher_ancestors()
+        self._longest_step_s = 0.0
+        self._deadline: threading.Timer | None = None
+        self._stepping = False
+        self._signum = 0
 
     def install(self) -> None:
         """Handle SIGTERM and SIGINT from now on (main thread only: Python's rule for signal handlers)."""
@@ -81,6 +92,7 @@ class StopController:
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def uninstall(self) -> None:
+        self._cancel_deadline()
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
@@ -89,9 +101,12 @@ class StopController:
         now = time.monotonic()
         if self._first_signal_at is None:
             self._first_signal_at = now
+            self._signum = signum
             self._code = self._code or _CODES[signum]
             print(f"\nreceived {signal.Signals(signum).name}: finishing this step, saving a checkpoint, then exiting "
                   "(send it again to exit at once, without saving)", file=sys.stderr, flush=True)
+            if self._stepping:
+                self._arm_deadline(signum)
         elif now - self._first_signal_at > SECOND_SIGNAL_GRACE_S:
             signal.signal(signum, signal.SIG_DFL)  # die of this signal, as an unhandled one would
             os.kill(os.getpid(), signum)
@@ -105,6 +120,30 @@ class StopController:
             if _proc_parent(pid) != parent:
                 return 4
         return 0
+
+    @contextlib.contextmanager
+    def stepping(self):
+        """Around a training step: the only work a signal's deadline applies to."""
+        self._stepping = True
+        started = time.monotonic()
+        if self._signum:
+            self._arm_deadline(self._signum)
+        try:
+            yield
+        finally:
+            self._stepping = False
+            self._cancel_deadline()
+            self._longest_step_s = max(self._longest_step_s, time.monotonic() - started)
+
+    def _arm_deadline(self, signum: int) -> None:
+        self._cancel_deadline()
+        self._deadline = threading.Timer(STEP_DEADLINE_S + 2 * self._longest_step_s, os._exit, (128 + signum,))
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
 
     def agreed_stop(self, device) -> str | None:
         """Why all ranks stop now (the same answer on every rank), or None to go on. A collective."""

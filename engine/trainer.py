@@ -94,7 +94,7 @@ class Trainer:
 
         if get_accelerator().device_name() == "cpu":
             # Decaying SSM states and small gradients underflow into denormals, which x86 handles ~100x slower;
-            # flushing them made the CPU Mamba scan ~7x faster (shared/MACHINE_NOTES.md). GPUs flush already.
+            # flushing them made the CPU Mamba scan ~7x faster (docs/machine_notes.md). GPUs flush already.
             torch.set_flush_denormal(True)
         torch.manual_seed(self.training.seed)
         # ZeRO-3: partitioned while created; ZeRO 0-2 on CUDA: on the GPU in the training dtype (no host copy).
@@ -104,6 +104,8 @@ class Trainer:
         model.gradient_checkpointing = bool(self.training.activation_checkpointing is True)
         if self.training.init_from and not (self.training.resume and latest_tag(self.training.checkpoint_dir)):
             load_initial_weights(model, self.training.init_from, self.model_config)
+            if distributed.is_main_process():
+                print(f"initialised from {self.training.init_from}", flush=True)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, self.training.weight_decay), config=self.ds_config,
             lr_scheduler=warmup_cosine_scheduler(warmup_steps=self.training.warmup_steps,
@@ -158,7 +160,8 @@ class Trainer:
         stopper.install()
         try:
             while self.step < cfg.max_steps:
-                metrics = self.train_step()
+                with stopper.stepping():
+                    metrics = self.train_step()
                 self.step += 1
                 check_finite_step(self.step, metrics, cfg, fp16=cfg.fp16)
                 logger.log_step(self.step, metrics, write=self.step % cfg.log_interval == 0)

@@ -2,7 +2,7 @@
 
 A ZeRO-1/2/3 checkpoint holds the fp32 master weights and Adam moments partitioned over the ranks that saved it:
 DeepSpeed refuses to load it with another world size ("Automatic adjustment of ZeRO's optimizer state
-partitioning with a new world size is not currently supported", shared/MACHINE_NOTES.md). Its answer is the
+partitioning with a new world size is not currently supported", docs/machine_notes.md). Its answer is the
 *universal* checkpoint: `deepspeed.checkpoint.ds_to_universal` rewrites the partitions as one file per parameter
 and state (`zero/<name>/fp32.pt`, `exp_avg.pt`, `exp_avg_sq.pt`), and an engine with
 `checkpoint.load_universal` slices them for its own ranks.
@@ -51,7 +51,7 @@ def universal_load_tag(tag: str) -> str:
     return f"{tag}/{UNIVERSAL_SUBDIR}"
 
 
-def ensure_universal(folder: str | Path, *, progress: bool = True) -> Path:
+def ensure_universal(folder: str | Path) -> Path:
     """Convert the DeepSpeed checkpoint `folder` to `folder/universal` unless that exists; returns it.
 
     Single process (rank 0 only): ds_to_universal runs its extract and merge passes in this process when given
@@ -93,13 +93,26 @@ def load_universal(engine, checkpoint_dir: str | Path, tag: str):
 
     folder = Path(checkpoint_dir) / tag
     if distributed.is_main_process():
-        ensure_universal(folder, progress=True)
+        done = universal_folder(folder).is_dir()
+        print(f"{tag} was saved by {saved_world_size(folder)} ranks, this run has {distributed.world_size()}: "
+              f"{'loading its' if done else 'converting it to'} DeepSpeed universal checkpoint "
+              f"{universal_folder(folder)}", flush=True)
+        ensure_universal(folder)
     distributed.barrier()
     # `checkpoint.load_universal` is read only inside load_checkpoint (deepspeed/runtime/engine.py and the ZeRO
     # optimizers' load_state_dict), so switching it on for this one load is the ds_config setting
     # `"checkpoint": {"load_universal": true}` without rebuilding the engine; later saves are normal checkpoints.
+    # DeepSpeed 0.19.8's ZeRO-3 universal load copies the hyperparameters of param_groups[0] into every group
+    # (zero/stage3.py `_load_universal_checkpoint`: "Generally, the hyperparameters of each parameter should be
+    # the same"), which gives the no-decay group (norms, SSM scalars) weight decay. The engine was just built with
+    # the right groups, so their hyperparameters are kept; lr comes from the restored schedule.
+    groups = engine.optimizer.param_groups
+    kept = [{k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")} for group in groups]
     engine._config.load_universal_checkpoint = True
     try:
-        return engine.load_checkpoint(str(checkpoint_dir), tag=universal_load_tag(tag))
+        result = engine.load_checkpoint(str(checkpoint_dir), tag=universal_load_tag(tag))
     finally:
         engine._config.load_universal_checkpoint = False
+    for group, hyperparameters in zip(engine.optimizer.param_groups, kept):
+        group.update(hyperparameters)
+    return result

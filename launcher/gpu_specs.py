@@ -8,7 +8,7 @@ with fp32 accumulation, the mode bf16/fp16 training uses:
 - L40S: 362 (NVIDIA L40S datasheet, 2023: 733 with sparsity).
 - RTX 4090: 165.2 fp16/bf16 with fp32 accumulate (NVIDIA Ada Lovelace architecture whitepaper v1.0, appendix A).
 - RTX 3090: 71 fp16/bf16 with fp32 accumulate (NVIDIA Ampere GA102 GPU architecture whitepaper, table 9).
-Measured on the project's H200 (shared/MACHINE_NOTES.md): a bf16 matmul reaches 770-800 TFLOP/s of the 989.
+Measured on the project's H200 (docs/machine_notes.md): a bf16 matmul reaches 770-800 TFLOP/s of the 989.
 """
 from __future__ import annotations
 

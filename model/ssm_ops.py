@@ -134,7 +134,7 @@ def flush_denormals() -> Iterator[None]:
     """Flush denormal floats to zero on CPU for the duration (restored after).
 
     SSM decays exp(dt * A) underflow into denormals, which x86 handles in microcode: measured ~7x faster CPU
-    scans with flushing (../shared/MACHINE_NOTES.md). It changes results only below 1e-38, so the engine may enable
+    scans with flushing (docs/machine_notes.md). It changes results only below 1e-38, so the engine may enable
     it for CPU training; it is process-global, hence never set on import.
     """
     enabled = torch.set_flush_denormal(True)

@@ -108,7 +108,7 @@ def measure(case: Case, steps: int) -> Result:
     import torch
 
     from engine.model_setup import build_model
-    from engine.trainer import param_groups
+    from engine.param_groups import param_groups
 
     gc.collect()
     torch.cuda.empty_cache()

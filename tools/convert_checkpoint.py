@@ -33,6 +33,39 @@ def parse_size(text: str) -> int:
     raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 5GB, 500MB, 2GiB)")
 
 
+class AnonymousMemorySampler:
+    """Peak anonymous resident memory (Linux RssAnon, sampled every 5 ms). ru_maxrss also counts the pages of
+    files DeepSpeed maps (mmap) while it reads a checkpoint: page cache the kernel can drop at any time, not memory
+    the conversion needs. Anonymous memory is what must fit in RAM."""
+
+    def __init__(self):
+        import threading
+
+        self.start_gib = self.peak_gib = self._read()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _read() -> float:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 2**20  # kB -> GiB
+        except OSError:
+            pass
+        return float("nan")
+
+    def _run(self) -> None:
+        while not self._done.wait(0.005):
+            self.peak_gib = max(self.peak_gib, self._read())
+
+    def stop(self) -> float:
+        self._done.set()
+        self._thread.join()
+        return max(self.peak_gib, self._read())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", nargs="?", help="checkpoint_dir or checkpoint_step_N folder")
@@ -62,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine.errors import CheckpointError
 
+    if args.report_memory:
+        import deepspeed.utils.zero_to_fp32  # noqa: F401  (imported now, so the baseline includes it)
+
+        import engine.hf_export  # noqa: F401
+        imports_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        anon = AnonymousMemorySampler()
     try:
         written = convert(args)
     except CheckpointError as error:
@@ -70,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {written}")
     if args.report_memory:
         # ru_maxrss is in KiB on Linux: the largest resident set this process had.
-        print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.3f} GiB")
+        print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.3f} GiB "
+              f"(after imports: {imports_rss:.3f} GiB; peak anonymous: {anon.stop():.3f} GiB, "
+              f"after imports: {anon.start_gib:.3f} GiB)")
     return 0
 
 

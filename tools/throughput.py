@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 from pathlib import Path
@@ -112,6 +113,40 @@ def plan_run(args: argparse.Namespace, on_cuda: bool):
     return run, plan
 
 
+class _TimingStopped(BaseException):
+    """Raised by the SIGTERM handler inside the timing loop (a BaseException: no `except Exception` catches it)."""
+
+
+def _stop_timing(signum: int, frame: object) -> None:
+    raise _TimingStopped()
+
+
+def _time_all(args: argparse.Namespace, contenders: list[str], builders: dict, batches: list, device: str,
+              interleave: bool, timings: dict[str, list], errors: dict[str, str]) -> None:
+    """Time every contender (interleaved steps, or whole runs in turn), filling timings and errors in place."""
+    from tqdm import tqdm
+
+    from engine.benchmark import time_contender, time_interleaved
+
+    if interleave:
+        with tqdm(total=args.repeats * args.steps, desc="timing (interleaved steps)", file=sys.stderr) as bar:
+            for _ in range(args.repeats):
+                live = {name: builders[name] for name in contenders if name not in errors}
+                time_interleaved(live, batches, warmup=args.warmup, device=device, errors=errors, into=timings,
+                                 on_step=lambda: bar.update(1))
+        return
+    with tqdm(total=args.repeats * len(contenders), desc="timing", file=sys.stderr) as bar:
+        for _ in range(args.repeats):
+            for name in contenders:
+                if name not in errors:
+                    try:
+                        timings[name].append(time_contender(builders[name], batches, warmup=args.warmup,
+                                                            device=device))
+                    except Exception as error:  # a peer that fails (e.g. out of memory) must not hide the others
+                        errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                bar.update(1)
+
+
 def summarize(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -172,10 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _cuda_available() else "cpu")
     import torch
-    from tqdm import tqdm
-
-    from engine.benchmark import (BenchSetup, deepspeed_contender, make_batches, plain_contender, time_contender,
-                                  time_interleaved, transformers_contender)
+    from engine.benchmark import BenchSetup, deepspeed_contender, make_batches, plain_contender, transformers_contender
     from launcher.config import ConfigError
     from launcher.ds_config import build_ds_config
     from launcher.gpu_specs import peak_tflops
@@ -217,23 +249,17 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, list] = {name: [] for name in contenders}
     errors: dict[str, str] = {}
     interleave = args.interleave == "yes" or (args.interleave == "auto" and not on_cuda)
-    if interleave:
-        for _ in tqdm(range(args.repeats), desc="timing (interleaved)", file=sys.stderr):
-            for name, runs in time_interleaved({name: builders[name] for name in contenders if name not in errors},
-                                               batches, warmup=args.warmup, device=device, errors=errors).items():
-                timings[name] += runs
-    with tqdm(total=0 if interleave else args.repeats * len(contenders), desc="timing", file=sys.stderr,
-              disable=interleave) as bar:
-        for _ in range(0 if interleave else args.repeats):
-            for name in contenders:
-                if name in errors:
-                    bar.update(1)
-                    continue
-                try:
-                    timings[name].append(time_contender(builders[name], batches, warmup=args.warmup, device=device))
-                except Exception as error:  # a peer that fails (e.g. out of memory) must not hide the others
-                    errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-                bar.update(1)
+    # A time limit (`timeout` sends SIGTERM, as tools/gpu_check.sh uses) stops the timing, and what finished is
+    # still reported and written: a slow peer must not cost the numbers of the contenders before it.
+    signal.signal(signal.SIGTERM, _stop_timing)
+    try:
+        _time_all(args, contenders, builders, batches, device, interleave, timings, errors)
+    except _TimingStopped:
+        for name in contenders:
+            if not timings[name]:
+                errors.setdefault(name, "stopped by SIGTERM (time limit) before it finished")
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     results: dict[str, Any] = {}
     for name in contenders:

@@ -106,7 +106,7 @@ def test_hf_round_trip(trained_ws1, layout, hf_class, tmp_path, data_cache, nati
     text = "ROMEO: But soft, what light through yonder window breaks?"
     sp = export_tokenizer_ids(folder, text)
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
-    assert ids[0].tolist() == [1] + sp  # bos, then exactly SentencePiece's pieces
+    assert ids[0].tolist() == [2] + sp  # eos (a document start, as in training), then SentencePiece's pieces
     with torch.no_grad():
         theirs = hf_model(ids).logits
         mine, _ = ours(ids)
@@ -248,3 +248,18 @@ def test_training_continues_from_an_imported_model(tmp_path, data_cache, process
         logits = hf_model.eval()(batch[:, :-1]).logits  # (B, T, V)
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 8192), batch[:, 1:].reshape(-1)).item()
     assert trainer.train_step()["loss"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_universal_by_hand(trained_ws1, capsys):
+    """`--to universal` writes DeepSpeed's universal layout inside the checkpoint; ZeRO-0 has none to write."""
+    from engine.universal import universal_folder
+
+    ckpt = trained_ws1["mamba2-2-fp32"] / "ckpt"
+    assert convert_checkpoint.main([str(ckpt), "--to", "universal"]) == 0
+    out = universal_folder(ckpt / "checkpoint_step_3")
+    live = torch.load(trained_ws1["mamba2-2-fp32"] / "live.pt", weights_only=True)
+    for name in ("backbone.layers.0.mixer.A_log", "backbone.norm_f.weight"):
+        saved = torch.load(out / "zero" / name / "fp32.pt", weights_only=False)["param"]
+        torch.testing.assert_close(saved, live[name], rtol=0, atol=0)
+    assert convert_checkpoint.main([str(trained_ws1["transformer-0-fp32"] / "ckpt"), "--to", "universal"]) == 2
+    assert "only ZeRO-1/2/3 checkpoints" in capsys.readouterr().err

@@ -158,7 +158,7 @@ def _assert_engine_agrees(measured: dict[str, int], stage: int, precision: str, 
 def _fp16_supported() -> bool:
     from deepspeed.accelerator import get_accelerator
 
-    return get_accelerator().is_fp16_supported()  # CPUs without AVX512-FP16 refuse fp16 (MACHINE_NOTES.md)
+    return get_accelerator().is_fp16_supported()  # CPUs without AVX512-FP16 refuse fp16 (docs/machine_notes.md)
 
 
 PRECISIONS = ["fp32", "bf16", pytest.param("fp16", marks=pytest.mark.skipif(

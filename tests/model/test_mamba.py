@@ -399,7 +399,7 @@ def single_rank_group(request):
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
         # Skip the 35-65 s JIT build of the CPU shared-memory all-reduce, used only for inference
-        # (../shared/MACHINE_NOTES.md); import_module because `import deepspeed.comm.torch as m` binds torch.
+        # (docs/machine_notes.md); import_module because `import deepspeed.comm.torch as m` binds torch.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend="gloo")
     yield deepspeed

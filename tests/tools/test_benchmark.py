@@ -22,7 +22,7 @@ def test_fetching_offline_fails_at_once_with_a_clear_message(monkeypatch, capsys
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
     assert benchmark.main([flag]) == 2
-    assert time.perf_counter() - started < 5  # no retries: datasets alone would take ~23 s (MACHINE_NOTES)
+    assert time.perf_counter() - started < 5  # no retries: datasets alone would take ~23 s (docs/machine_notes.md)
     err = capsys.readouterr().err
     assert f"error: {flag} needs the Hugging Face hub" in err and "HF_HUB_OFFLINE is set" in err
 

@@ -51,6 +51,31 @@ def test_whole_runs_in_turn_as_on_gpu(tmp_path, process_group):
     assert not data["interleaved"] and len(data["results"]["plain"]["runs"]) == 2 and data["ratios"] == {}
 
 
+def test_a_time_limit_keeps_what_finished(tmp_path, process_group, monkeypatch):
+    """SIGTERM (tools/gpu_check.sh's `timeout`) during the second contender: the first one's numbers are still
+    reported and written."""
+    import engine.benchmark
+
+    real = engine.benchmark.time_contender
+    calls = []
+
+    def stopped_on_second_call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            throughput._stop_timing(15, None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.benchmark, "time_contender", stopped_on_second_call)
+    path = tmp_path / "stopped.json"
+    overrides = [arg for item in SMALL_MODEL for arg in ("--set", item)]
+    assert throughput.main(["--preset", "tiny", "--steps", "1", "--warmup", "0", "--micro_batch", "1",
+                            "--interleave", "no", "--contenders", "plain,transformers", "--json", str(path),
+                            *overrides]) == 0
+    data = json.loads(path.read_text())
+    assert data["results"]["plain"]["tokens_per_s"]["median"] > 0
+    assert "stopped by SIGTERM" in data["results"]["transformers"]["error"]
+
+
 def test_markdown_table_and_summary(report, capsys):
     _, path = report
     assert throughput.main(["--markdown", str(path)]) == 0
