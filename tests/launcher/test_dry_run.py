@@ -15,6 +15,10 @@ from launcher.presets import PRESETS
 def dry_run(tmp_path, monkeypatch, capsys):
     """Call main(argv) in tmp_path; return (exit code, stdout, stderr, ds_configs folder)."""
     monkeypatch.chdir(tmp_path)
+    # The session's in-process engine tests set RANK/WORLD_SIZE=1 (the process_group fixture); main() would take
+    # them for a launcher's and plan one rank whatever --num_gpus says.
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
     threads = torch.get_num_threads()
 
     def call(*argv: str):
