@@ -17,7 +17,6 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from data import DataConfig, sample_indices
-from data.errors import DataError
 from data.training_data import TrainingData, open_training_data, prepare_sources
 from engine import distributed
 from engine.checkpoint import CheckpointManager, latest_tag
@@ -80,13 +79,10 @@ class Trainer:
         distributed.init_distributed()
         self.checkpoints.prepare(resume=self.training.resume)
         seq_len = self.model_config.max_seq_len
-        # Every shard is checked as it opens (data/shard_checks.py): present, long enough, ids inside the vocabulary.
+        # The data layer checks the tokenizer against model.vocab_size and every shard as it opens
+        # (data/shard_checks.py): present, long enough, ids inside the vocabulary.
         self.data = self._prepare_data()
         self.prepared, self.tokenizer = self.data.prepared, self.data.tokenizer
-        if self.tokenizer.vocab_size > self.model_config.vocab_size:
-            raise DataError(f"the tokenizer {self.tokenizer.path} has {self.tokenizer.vocab_size} tokens "
-                            f"but model.vocab_size is {self.model_config.vocab_size}: set model.vocab_size to "
-                            f"{self.tokenizer.vocab_size} or use a tokenizer of that size")
         self.train_windows, self.val_windows = self.data.sources[0].train, self.data.sources[0].val
         # Samples taken from each source so far: the mixture's exact position, saved in every checkpoint.
         self.source_positions = np.zeros(len(self.data.sources), dtype=np.int64)
