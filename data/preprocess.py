@@ -27,7 +27,7 @@ from tqdm import tqdm
 from data.errors import DataError
 from data.shards import TokenShardWriter, token_dtype
 from data.sources import DocumentSource, check_hub_reachable, iter_documents
-from data.tokenizer import Tokenizer, tokenizer_sha256
+from data.tokenizer import Tokenizer
 
 SHARD_SET_FORMAT = "rag-transformer-shards"
 SHARD_SET_VERSION = 1

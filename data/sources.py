@@ -151,7 +151,6 @@ def iter_documents(source: DocumentSource, *, skip: int = 0) -> Iterator[str]:
         stream = datasets.load_dataset(source.builder, split=source.split, streaming=True, **kwargs)
         if skip:
             stream = stream.skip(skip)
-        count = 0
         for row in stream:
             if source.text_field not in row:
                 raise DataError(f"{source.name}: documents have no field {source.text_field!r} (fields: "

@@ -47,7 +47,7 @@ def run_preprocess(spec: str, args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
+        print("\ninterrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
         return 130
     print(f"{args.output}: {meta['num_train_tokens']:,} training tokens in {meta['num_shard_pairs']} shard(s), "
           f"{meta['num_val_tokens']:,} validation tokens; {meta['num_train_documents']:,} + "
