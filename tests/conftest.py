@@ -124,3 +124,17 @@ def run_job(command: list[str], *, cwd: Path, env: dict[str, str], timeout: floa
             stdout, stderr = process.communicate()
             raise subprocess.TimeoutExpired(command, timeout, output=stdout, stderr=stderr) from None
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def run_two_ranks(script: str | Path, *args: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """Run `script args` as a 2-rank torchrun job on CPU (one thread per rank, this suite's JIT folder, a free port),
+    under run_job's timeout, which ends the ranks too; asserts a clean exit and returns the result."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(EXTENSIONS_DIR),
+           "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO_ROOT)}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # the job's ranks must not think they belong to this test process's group
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(script), *args]
+    result = run_job(command, cwd=cwd, env=env, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result

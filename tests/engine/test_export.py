@@ -14,7 +14,7 @@ import torch
 
 from engine import export, hf_export
 from model import ModelConfig, create_model
-from tests.conftest import EXTENSIONS_DIR, REPO_ROOT, free_port, run_job
+from tests.conftest import REPO_ROOT, run_job, run_two_ranks
 from tests.engine import export_layouts
 from tools import convert_checkpoint
 
@@ -33,15 +33,7 @@ def trained_ws1(tmp_path_factory, data_cache, process_group) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def trained_ws2(tmp_path_factory, data_cache) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("export_ws2")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(EXTENSIONS_DIR),
-           "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO_ROOT)}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(Path(export_layouts.__file__)), str(data_cache), str(out),
-               *LAYOUTS_WS2]
-    result = run_job(command, cwd=out, env=env, timeout=400)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_two_ranks(export_layouts.__file__, str(data_cache), str(out), *LAYOUTS_WS2, cwd=out, timeout=400)
     return {layout: out / f"{layout}-ws2" for layout in LAYOUTS_WS2}
 
 

@@ -5,15 +5,12 @@ clipping and Adam would hide it in the weights), and end with the same weights u
 5 steps at a real learning rate (ZeRO-1, 2 and 3, on CPU)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import EXTENSIONS_DIR, REPO_ROOT, free_port
+from tests.conftest import run_two_ranks
 from tests.engine import rank_equivalence
 
 STAGES = [1, 2, 3]
@@ -23,15 +20,8 @@ STAGES = [1, 2, 3]
 def two_rank_results(tmp_path_factory, data_cache) -> Path:
     """One torchrun job: two ranks, micro-batch 2, ZeRO-1, 2 and 3 in turn."""
     out = tmp_path_factory.mktemp("rank_equivalence")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(EXTENSIONS_DIR),
-           "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO_ROOT)}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(Path(rank_equivalence.__file__)), str(data_cache), str(out),
-               "2", "1", *map(str, STAGES)]
-    result = subprocess.run(command, env=env, cwd=out, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_two_ranks(rank_equivalence.__file__, str(data_cache), str(out), "2", "1", *map(str, STAGES), cwd=out,
+                  timeout=240)
     return out
 
 

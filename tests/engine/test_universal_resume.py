@@ -6,16 +6,13 @@ gradient of the same 8 sequences is summed in another order by two ranks than by
 reason given there."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from engine.universal import needs_universal, saved_world_size, universal_folder
-from tests.conftest import EXTENSIONS_DIR, REPO_ROOT, free_port
+from tests.conftest import run_two_ranks
 from tests.engine import universal_resume
 from tests.engine.universal_resume import SAVE_AT, STEPS
 
@@ -36,16 +33,8 @@ def runs(tmp_path_factory, data_cache, process_group) -> Path:
     for stage in STAGES:
         universal_resume.run("straight", str(data_cache), out / f"straight{stage}", stage)
         universal_resume.run("first", str(data_cache), out / f"one_to_two{stage}", stage)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(EXTENSIONS_DIR),
-           "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO_ROOT)}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     jobs = [job for stage in STAGES for job in (f"first:{stage}:two_to_one{stage}", f"resume:{stage}:one_to_two{stage}")]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(Path(universal_resume.__file__)), str(data_cache), str(out),
-               *jobs]
-    result = subprocess.run(command, env=env, cwd=out, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_two_ranks(universal_resume.__file__, str(data_cache), str(out), *jobs, cwd=out, timeout=400)
     for stage in STAGES:
         universal_resume.run("resume", str(data_cache), out / f"two_to_one{stage}", stage)
     return out

@@ -3,10 +3,6 @@ DeepSpeed engine really holds (world size 1 in-process, 2 under torchrun), and t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +13,7 @@ from launcher.memory import (DTYPE_BYTES, STAGE3_PARAM_PERSISTENCE_THRESHOLD, SU
                              activation_bytes, estimate_memory, model_state_bytes)
 from launcher.presets import PRESETS
 from model import ModelConfig, create_model
-from tests.conftest import EXTENSIONS_DIR, REPO_ROOT, free_port, wait_for_build_locks
+from tests.conftest import run_two_ranks, wait_for_build_locks
 from tests.launcher import engine_bytes
 
 GIB = 1 << 30
@@ -185,14 +181,7 @@ def test_offloaded_model_states_match_engine_bytes_world_size_1(process_group, s
 @pytest.mark.slow
 def test_model_states_match_engine_bytes_world_size_2(tmp_path):
     cases = ["1:bf16", "2:fp32", "2:bf16", "3:fp32", "3:bf16"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(EXTENSIONS_DIR),
-           "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO_ROOT)}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), str(Path(engine_bytes.__file__)), *cases]
-    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_two_ranks(engine_bytes.__file__, *cases, cwd=tmp_path, timeout=120)
     lines = [json.loads(line[7:]) for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     assert len(lines) == len(cases)
     for measured in lines:
