@@ -55,8 +55,9 @@ class PreprocessOptions:
     """Stop after this many tokens (training + validation); None reads the whole source."""
     dedup: bool = True
     """Drop documents whose exact text was seen before."""
-    documents_per_task: int = 64
-    """Documents sent to a worker at once."""
+    task_bytes: int = 1 << 20
+    """Text sent to a worker at once: a task closes at the first document that reaches this many characters
+    (~1 MB: the hand-off costs per task, so tasks of short documents, TinyStories' ~800 bytes, must hold many)."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -240,8 +241,8 @@ def _run(source: DocumentSource, options: PreprocessOptions, tokenizer: Tokenize
     num_read = [start_position]
 
     def batches():
-        """(texts, [(is_val, dedup_hash, position)]) of up to documents_per_task new documents."""
-        texts, info = [], []
+        """(texts, [(is_val, dedup_hash, position)]) of new documents, about task_bytes characters a task."""
+        texts, info, size = [], [], 0
         for position, text in enumerate(iter_documents(source, skip=start_position), start=start_position):
             num_read[0] = position + 1
             if not text.strip():
@@ -253,9 +254,10 @@ def _run(source: DocumentSource, options: PreprocessOptions, tokenizer: Tokenize
                 seen.add(dedup_hash)
             texts.append(text)
             info.append((split_hash < val_threshold, dedup_hash, position))
-            if len(texts) == options.documents_per_task:
+            size += len(text)
+            if size >= options.task_bytes:
                 yield texts, info
-                texts, info = [], []
+                texts, info, size = [], [], 0
         if texts:
             yield texts, info
 

@@ -125,6 +125,10 @@ def _check_utf8(files: tuple[str, ...]) -> None:
                 offset += len(chunk)
 
 
+_READ_BATCH_ROWS = 64
+"""Rows datasets hands over at once (small: a resume skips whole rows, and a batch is held in memory)."""
+
+
 def iter_documents(source: DocumentSource, *, skip: int = 0) -> Iterator[str]:
     """The source's documents in a fixed order, streamed (never all in memory), after the first `skip`."""
     import datasets
@@ -151,14 +155,16 @@ def iter_documents(source: DocumentSource, *, skip: int = 0) -> Iterator[str]:
         stream = datasets.load_dataset(source.builder, split=source.split, streaming=True, **kwargs)
         if skip:
             stream = stream.skip(skip)
-        for row in stream:
-            if source.text_field not in row:
+        # Batches of rows, not rows: datasets formats a Python dict per row, which cost the preprocessing main
+        # process twice the time of reading Arrow batches (40 MB of JSON lines: 0.37 s against 0.18 s).
+        for batch in stream.iter(batch_size=_READ_BATCH_ROWS):
+            if source.text_field not in batch:
                 raise DataError(f"{source.name}: documents have no field {source.text_field!r} (fields: "
-                                f"{', '.join(row)}); pass the right one with --text_field (data.sources: "
+                                f"{', '.join(batch)}); pass the right one with --text_field (data.sources: "
                                 "text_field)")
-            text = row[source.text_field]
-            if isinstance(text, str):
-                yield text
+            for text in batch[source.text_field]:
+                if isinstance(text, str):
+                    yield text
     except DataError:
         raise
     except (ConnectionError, TimeoutError) as err:

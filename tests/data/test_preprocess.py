@@ -50,7 +50,7 @@ def read_shard_set(folder):
 
 def options(folder, tokenizer, **overrides):
     settings = dict(output_dir=folder, tokenizer_path=tokenizer, num_workers=2, val_fraction=VAL_FRACTION,
-                    max_shard_tokens=MAX_SHARD_TOKENS, documents_per_task=16, progress=False)
+                    max_shard_tokens=MAX_SHARD_TOKENS, task_bytes=2000, progress=False)
     return PreprocessOptions(**{**settings, **overrides})
 
 

@@ -136,3 +136,22 @@ def test_local_files_to_shards_to_training(tmp_path, tokenizer):
     assert "finished 2 steps" in result.stdout
     assert "texts" in result.stdout and "table" in result.stdout and "raw" in result.stdout  # per-source losses
     assert list((tmp_path / "cache" / "sources").glob("raw-*/meta.json"))  # the raw file was prepared once
+
+
+def test_bench_data_compares_equal_work(data_cache):
+    """tools/bench_data.py runs end to end, and its rates compare the same work: the pipeline wrote as many tokens as
+    SentencePiece itself makes for those documents (one eos each), counted here with sentencepiece directly."""
+    import sentencepiece as spm
+
+    from data.corpus import load_shakespeare
+
+    result = run_tool("bench_data.py", "--repeat", 1, "--documents", 120, "--workers", 1, 2, "--cache_dir",
+                      data_cache, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    [model] = data_cache.glob("*/tokenizer.model")
+    processor = spm.SentencePieceProcessor(model_file=str(model))
+    expected = sum(len(processor.encode(doc)) + 1 for doc in load_shakespeare(data_cache)[:120])
+    assert f"tokens: raw encode {expected:,}, pipeline {expected:,} (1 worker(s)), {expected:,} (2 worker(s))" \
+        in result.stdout
+    for label in ("per worker", "scaling 1 -> 2 workers", "loader / training"):
+        assert label in result.stdout
