@@ -74,6 +74,7 @@ def deepspeed_contender(setup: BenchSetup, ds_config: dict[str, Any]) -> tuple[S
     """The Trainer's path: build_model + deepspeed.initialize with the launcher's ds_config."""
     import deepspeed
 
+    from engine.distributed import skip_single_rank_gradient_allreduce
     from engine.model_setup import build_model
     from engine.param_groups import param_groups
     from engine.schedule import warmup_cosine_scheduler
@@ -86,6 +87,7 @@ def deepspeed_contender(setup: BenchSetup, ds_config: dict[str, Any]) -> tuple[S
                                       config=ds_config, lr_scheduler=warmup_cosine_scheduler(
                                           warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
                                           min_lr_ratio=cfg.min_lr_ratio))
+    skip_single_rank_gradient_allreduce(engine)
 
     def step(batch: torch.Tensor) -> torch.Tensor:
         _, loss = engine(batch[:, :-1], targets=batch[:, 1:])

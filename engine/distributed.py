@@ -100,3 +100,15 @@ def all_reduce_max_int(value: int, device: torch.device) -> int:
     tensor = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return int(tensor.item())
+
+
+def skip_single_rank_gradient_allreduce(engine) -> None:
+    """Turn off the gradient all-reduce of a ZeRO-0 DeepSpeed engine that has one data-parallel rank.
+
+    After every backward DeepSpeed's ZeRO-0 path copies all gradients into one flat buffer, all-reduces it and copies
+    it back, also over a single rank, where that is an identity: two passes over the gradients, 7% of a `tiny` step at
+    micro-batch 2 on CPU (docs/machine_notes.md). DeepSpeed clears the same flag itself when it has no distributed
+    backend. ZeRO 1-3 are left alone: their optimizer moves the gradients into its partitions in that call.
+    """
+    if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
+        engine.enable_backward_allreduce = False

@@ -107,6 +107,7 @@ class Trainer:
             lr_scheduler=warmup_cosine_scheduler(warmup_steps=self.training.warmup_steps,
                                                  max_steps=self.training.max_steps,
                                                  min_lr_ratio=self.training.min_lr_ratio))
+        distributed.skip_single_rank_gradient_allreduce(self.engine)
         self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
         self.grad_accum = self.engine.gradient_accumulation_steps()
         self.world_size = distributed.world_size()

@@ -143,3 +143,36 @@ def test_generation_starts_from_a_token_the_shards_contain(tmp_path, data_cache,
     assert counts[first] > 0  # the model has seen what follows this token
     assert first == trainer.tokenizer.eos_id and counts[trainer.tokenizer.bos_id] == 0
     assert trainer.prompt_ids("ROMEO:")[1:] == trainer.tokenizer.encode("ROMEO:")
+
+
+# ---- one data-parallel rank: no gradient all-reduce -----------------------------------------------------------------
+@pytest.mark.parametrize("zero_stage, precision", [(0, "fp32"), (0, "bf16"), (1, "fp32")])
+def test_single_rank_skips_the_identity_allreduce_and_trains_the_same(process_group, zero_stage, precision):
+    """Oracle: DeepSpeed's own path with its gradient all-reduce left on. Skipping it (ZeRO-0, one rank) must leave
+    every weight bit-identical after clipped AdamW steps; ZeRO-1 needs the call (its optimizer partitions there)."""
+    from engine.distributed import skip_single_rank_gradient_allreduce
+
+    config = ModelConfig(model_type="transformer", d_model=64, n_layers=2, n_heads=4, vocab_size=128, max_seq_len=32)
+    ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "gradient_clipping": 0.05,
+                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+                 "zero_optimization": {"stage": zero_stage}, "bf16": {"enabled": precision == "bf16"}}
+    batches = torch.randint(0, 128, (6, 2, 33), generator=torch.Generator().manual_seed(3))
+    weights = []
+    for skip in (False, True):
+        torch.manual_seed(0)
+        model = create_model("transformer", config)
+        initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.1), config=ds_config)
+        if skip:
+            skip_single_rank_gradient_allreduce(engine)
+        assert engine.enable_backward_allreduce == (not skip or zero_stage != 0)
+        for batch in batches:  # 3 optimizer steps of 2 micro-batches
+            _, loss = engine(batch[:, :-1], targets=batch[:, 1:])
+            engine.backward(loss)
+            engine.step()
+        weights.append({name: p.detach().clone() for name, p in engine.module.named_parameters()})
+        engine.destroy()
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
+    assert all(not torch.equal(initial[name], weights[1][name]) for name in initial)  # every weight trained
