@@ -317,8 +317,8 @@ def activation_bytes(model: ModelConfig, layout: Layout) -> int:
       block's activations (which hold its own input); the L - N later blocks' activations were freed by their
       backward, the later inputs with them.
     The second only decides when N = L: then checkpointing the last block saves nothing (its recomputation holds
-    what keeping it would), and the plan's fewest-blocks search stops at L - 1. Checked against the tensors autograd
-    saves (tests/launcher/test_memory.py).
+    what keeping it would), and the plan's fewest-blocks search stops at L - 1. The first moment is checked against
+    the tensors autograd saves for every N (tests/launcher/test_memory.py); the second is reasoned, not measured.
     """
     ab = DTYPE_BYTES[layout.precision]
     tokens = layout.micro_batch * layout.seq_len
