@@ -59,8 +59,8 @@ class BenchSetup:
     training: TrainingConfig
     device: str
     """'cuda:0' or 'cpu'."""
-    activation_checkpointing: bool
-    """Recompute blocks in backward (as the plan chose)."""
+    num_checkpointed_blocks: int
+    """Blocks, from the first, recomputed in backward (as the plan chose)."""
 
 
 def make_batches(setup: BenchSetup, *, count: int, micro_batch: int, seq_len: int, seed: int = 0) -> list[torch.Tensor]:
@@ -81,7 +81,7 @@ def deepspeed_contender(setup: BenchSetup, ds_config: dict[str, Any]) -> tuple[S
 
     model = build_model(setup.model, ds_config=ds_config, precision=setup.training.precision, device=setup.device,
                         compiled=setup.training.compile_blocks)
-    model.gradient_checkpointing = setup.activation_checkpointing
+    model.num_checkpointed_blocks = setup.num_checkpointed_blocks
     cfg = setup.training
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.weight_decay),
                                       config=ds_config, lr_scheduler=warmup_cosine_scheduler(
@@ -129,7 +129,7 @@ def _plain_loop(model: torch.nn.Module, setup: BenchSetup,
 def plain_contender(setup: BenchSetup) -> tuple[StepFn, Callable[[], None]]:
     """This project's model in a plain PyTorch loop, fp32 weights on the device."""
     model = create_model_on(setup.model.model_type, setup.model, device=setup.device)
-    model.gradient_checkpointing = setup.activation_checkpointing
+    model.num_checkpointed_blocks = setup.num_checkpointed_blocks
     model.train()
     return _plain_loop(model, setup, lambda m, batch: m(batch[:, :-1], targets=batch[:, 1:])[1]), lambda: None
 
@@ -156,13 +156,25 @@ def transformers_model(config: ModelConfig) -> torch.nn.Module:
     raise ValueError(f"no transformers peer for model_type {config.model_type!r}")
 
 
+def checkpoint_first_layers(model: torch.nn.Module, num_layers: int) -> None:
+    """Checkpoint the first num_layers decoder layers of a transformers model, as our models' block method does."""
+    if num_layers == 0:
+        return
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # That checkpoints every decoder layer; each carries its own switch, left on for the first num_layers.
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers[num_layers:]:
+        layer.gradient_checkpointing = False
+
+
 def transformers_contender(setup: BenchSetup) -> tuple[StepFn, Callable[[], None]]:
     """transformers' model of the same shape in the same plain loop; the loss computed as ours (fp32
     cross-entropy over every position), so both predict the same tokens."""
     with torch.device(setup.device):
         model = transformers_model(setup.model)
-    if setup.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpoint_first_layers(model, setup.num_checkpointed_blocks)
     model.train()
     vocab = setup.model.vocab_size
 

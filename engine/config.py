@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
@@ -67,8 +67,9 @@ class TrainingConfig(BaseModel):
     """DeepSpeed ZeRO stage, or 'auto' to let the memory plan choose."""
     offload: Literal["auto", "none", "optimizer", "optimizer+params"] = "auto"
     """CPU offload: 'none', 'optimizer' (DeepSpeedCPUAdam), 'optimizer+params' (ZeRO-3 only), or 'auto'."""
-    activation_checkpointing: bool | Literal["auto"] = "auto"
-    """Recompute block activations in the backward pass to save memory ('auto' = only if needed to fit)."""
+    activation_checkpointing: bool | int | Literal["auto"] = "auto"
+    """Recompute block activations in the backward pass to save memory: true = every block, false = none, N = the
+    first N blocks (Megatron-LM's block recompute method), 'auto' = as few as the memory plan needs to fit."""
     compile_blocks: bool = False
     """torch.compile each model block (model/compile.py): faster on GPU after a one-off compile; off on CPU."""
     eval_interval: int = 1000
@@ -96,6 +97,19 @@ class TrainingConfig(BaseModel):
     """final_model.pt, best_model.pt and checkpoint_step_N folders."""
     max_runtime: int | str | None = None
     """Time limit: after this long, save a checkpoint and exit 75 (seconds, or e.g. '90m', '23h30m', '2:30:00')."""
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_value(cls, value: object) -> bool | int | str:
+        """true, false, auto or a block count; pydantic's own union errors would list three unrelated types."""
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "auto"):
+            return {"true": True, "false": False, "auto": "auto"}[value.strip().lower()]
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value)
+        if isinstance(value, bool) or value == "auto" or (isinstance(value, int) and value >= 0):
+            return value
+        raise ValueError(f"training.activation_checkpointing must be true (every block), false, auto or a number of "
+                         f"blocks to recompute from 0 to model.n_layers, got {value!r}")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainingConfig":
@@ -130,6 +144,14 @@ class TrainingConfig(BaseModel):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def checkpointed_blocks(self, num_layers: int) -> int | None:
+        """Blocks of num_layers to recompute, from the first: true = all, false = 0, N = N; None for 'auto'
+        (the launcher's memory plan chooses)."""
+        value = self.activation_checkpointing
+        if value == "auto":
+            return None
+        return num_layers if value is True else 0 if value is False else value
 
     @property
     def max_runtime_s(self) -> float | None:

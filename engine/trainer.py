@@ -97,7 +97,8 @@ class Trainer:
         model = build_model(self.model_config, ds_config=self.ds_config, precision=self.training.precision,
                             device=get_accelerator().current_device_name(),
                             compiled=self.training.compile_blocks)
-        model.gradient_checkpointing = bool(self.training.activation_checkpointing is True)
+        # The launcher resolves 'auto' to the plan's count; a Trainer built directly with 'auto' recomputes nothing.
+        model.num_checkpointed_blocks = self.training.checkpointed_blocks(self.model_config.n_layers) or 0
         if self.training.init_from and not (self.training.resume and latest_tag(self.training.checkpoint_dir)):
             load_initial_weights(model, self.training.init_from, self.model_config)
             if distributed.is_main_process():

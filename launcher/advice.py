@@ -37,7 +37,9 @@ def plan_advice(budget_for: dict[int, MemoryBudget], presets: list[str] | None =
                 rows.append(Advice(preset=preset, num_ranks=num_ranks, fits=False, per_rank="-",
                                    layout=_nothing_fits_summary(str(err))))
                 continue
-            checkpointing = ", activation checkpointing" if plan.activation_checkpointing else ""
+            blocks, layers = plan.num_checkpointed_blocks, plan.num_layers
+            checkpointing = ("" if blocks == 0 else ", activation checkpointing" if blocks == layers else
+                             f", activation checkpointing of {blocks}/{layers} blocks")
             rows.append(Advice(preset=preset, num_ranks=num_ranks, fits=True,
                                layout=f"ZeRO-{plan.zero_stage}, offload {plan.offload}{checkpointing}, "
                                       f"micro-batch {plan.micro_batch} x accumulation {plan.grad_accum}",

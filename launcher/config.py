@@ -73,6 +73,10 @@ class RunConfig(BaseModel):
         if self.model.model_type != self.model_type:
             self.model = self.model.model_copy(update={"model_type": self.model_type})
             ModelConfig.model_validate(self.model.model_dump())
+        blocks = self.training.activation_checkpointing
+        if not isinstance(blocks, bool) and isinstance(blocks, int) and blocks > self.model.n_layers:
+            raise ValueError(f"training.activation_checkpointing={blocks} is more blocks than the model has: give 0 "
+                             f"to {self.model.n_layers} (model.n_layers), true for every block, or auto")
         return self
 
 

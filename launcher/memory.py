@@ -84,7 +84,7 @@ CPU_BUFFER_FACTOR = 1.5
 additional_buffer_factor default."""
 BACKWARD_WORKSPACE_LAYERS = 1
 """Gradients of a block's activations live while that block runs backward: one block's activations are added
-(and one more under activation checkpointing: the block being recomputed)."""
+(activation_bytes counts the activations of a block being recomputed separately)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,8 +103,9 @@ class Layout:
     """Sequences per rank per micro-step."""
     seq_len: int = 2048
     """Tokens per sequence."""
-    activation_checkpointing: bool = False
-    """Recompute each block in the backward pass; only block inputs are kept."""
+    num_checkpointed_blocks: int = 0
+    """Blocks, from the first, recomputed in the backward pass, which keep only their inputs (Megatron-LM's block
+    recompute method; 0 = none, model.n_layers = all)."""
     ranks_per_node: int | None = None
     """Ranks sharing one host's RAM (None = world_size: a single node)."""
     fused_ssm_kernels: bool = True
@@ -124,6 +125,8 @@ class Layout:
             problems.append(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if min(self.world_size, self.micro_batch, self.seq_len) < 1:
             problems.append("world_size, micro_batch and seq_len must be >= 1")
+        if self.num_checkpointed_blocks < 0:
+            problems.append(f"num_checkpointed_blocks must be >= 0, got {self.num_checkpointed_blocks}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -306,15 +309,28 @@ class MemoryEstimate:
 
 
 def activation_bytes(model: ModelConfig, layout: Layout) -> int:
-    """Saved activations plus backward workspace of one micro-batch on one rank."""
+    """Saved activations plus backward workspace of one micro-batch on one rank.
+
+    With the first N of L blocks checkpointed (Megatron-LM's block method), two moments compete:
+    - the end of the forward pass: N block inputs and the L - N other blocks' saved activations;
+    - the recomputation of block N - 1, the first one backward reaches: the inputs of blocks 0 to N - 2 and that
+      block's activations (which hold its own input); the L - N later blocks' activations were freed by their
+      backward, the later inputs with them.
+    The second only decides when N = L: then checkpointing the last block saves nothing (its recomputation holds
+    what keeping it would), and the plan's fewest-blocks search stops at L - 1. The first moment is checked against
+    the tensors autograd saves for every N (tests/launcher/test_memory.py); the second is reasoned, not measured.
+    """
     ab = DTYPE_BYTES[layout.precision]
     tokens = layout.micro_batch * layout.seq_len
     per_layer = model_sizes.layer_activation_bytes(model, ab, seq_len=layout.seq_len, on_cuda=layout.on_cuda,
                                                    fused_ssm_kernels=layout.fused_ssm_kernels)
-    if layout.activation_checkpointing:
-        kept = model.n_layers * model_sizes.layer_input_bytes(model, ab) + per_layer  # one block recomputed
-    else:
-        kept = model.n_layers * per_layer
+    checkpointed = layout.num_checkpointed_blocks
+    if checkpointed > model.n_layers:
+        raise ValueError(f"{checkpointed} checkpointed blocks, but the model has {model.n_layers} (model.n_layers)")
+    block_input = model_sizes.layer_input_bytes(model, ab)
+    kept = checkpointed * block_input + (model.n_layers - checkpointed) * per_layer
+    if checkpointed:
+        kept = max(kept, (checkpointed - 1) * block_input + per_layer)  # block N - 1 recomputed
     head = model_sizes.head_activation_bytes(model, ab, on_cuda=layout.on_cuda)
     return tokens * (kept + BACKWARD_WORKSPACE_LAYERS * per_layer + head)
 

@@ -6,9 +6,14 @@ Every layout the config allows is evaluated at the largest micro-batch that fits
 2. no activation checkpointing before checkpointing (it recomputes the forward pass: ~1/3 more compute);
 3. ZeRO 0-2 before ZeRO-3 (ZeRO-1/2 communicate as much as plain data parallelism, ZeRO-3 1.5x: Rajbhandari et
    al. 2020, section 7);
-4. the larger micro-batch; then the lower stage.
+4. the larger micro-batch; then the lower stage;
+5. with checkpointing, the fewest blocks that fit at that micro-batch (the largest that fits with every block
+   checkpointed): Megatron-LM's block recompute method checkpoints the first N of L blocks, and recomputing them
+   costs ~N/L of a forward pass. Memory never grows with N (launcher/memory.py activation_bytes), so a binary
+   search finds the fewest in log2(L) estimates; N = L holds as much as N = L - 1, so 'auto' stops at L - 1.
 Gradient accumulation then brings the global batch to training.tokens_per_step. Explicit config values are kept
-and checked; if nothing fits, PlanError says what would.
+and checked (an explicit training.activation_checkpointing is the number of blocks, true all of them); if nothing
+fits, PlanError says what would.
 """
 from __future__ import annotations
 
@@ -43,8 +48,10 @@ class Candidate:
     """DeepSpeed ZeRO stage."""
     offload: str
     """'none', 'optimizer' or 'optimizer+params'."""
-    activation_checkpointing: bool
-    """Blocks recomputed in backward."""
+    num_checkpointed_blocks: int
+    """Blocks, from the first, recomputed in backward (the fewest that fit under 'auto')."""
+    num_layers: int
+    """Blocks in the model."""
     micro_batch: int | None
     """Largest micro-batch that fits; None when not even the smallest tried does."""
     estimate: MemoryEstimate
@@ -59,7 +66,14 @@ class Candidate:
     @property
     def label(self) -> str:
         offload = {"none": "", "optimizer": " +opt offload", "optimizer+params": " +opt+param offload"}[self.offload]
-        return f"ZeRO-{self.zero_stage}{offload}{' +ckpt' if self.activation_checkpointing else ''}"
+        return f"ZeRO-{self.zero_stage}{offload}{checkpointing_label(self.num_checkpointed_blocks, self.num_layers)}"
+
+
+def checkpointing_label(num_checkpointed_blocks: int, num_layers: int) -> str:
+    """'' (none), ' +ckpt' (every block) or ' +ckpt 6/24' (the first 6 of 24): the suffix of a layout's label."""
+    if num_checkpointed_blocks == 0:
+        return ""
+    return " +ckpt" if num_checkpointed_blocks == num_layers else f" +ckpt {num_checkpointed_blocks}/{num_layers}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,8 +90,10 @@ class Plan:
     """Sequences per rank per micro-step."""
     grad_accum: int
     """Micro-steps per optimizer step."""
-    activation_checkpointing: bool
-    """Recompute block activations in the backward pass."""
+    num_checkpointed_blocks: int
+    """Blocks, from the first, whose activations are recomputed in the backward pass (0 = none)."""
+    num_layers: int
+    """Blocks in the model."""
     world_size: int
     """Number of data-parallel ranks."""
     seq_len: int = 0
@@ -103,6 +119,11 @@ class Plan:
     def offload(self) -> str:
         return "optimizer+params" if self.offload_params else "optimizer" if self.offload_optimizer else "none"
 
+    @property
+    def checkpointing_label(self) -> str:
+        """'', ' +ckpt' or ' +ckpt 6/24' (checkpointing_label)."""
+        return checkpointing_label(self.num_checkpointed_blocks, self.num_layers)
+
 
 # ---- evaluation ----------------------------------------------------------------------------------------------------
 
@@ -124,14 +145,16 @@ def _fit_problem(estimate: MemoryEstimate, budget: MemoryBudget) -> str:
     return ""
 
 
-def _layouts(training: TrainingConfig) -> list[tuple[int, str, bool]]:
-    """(stage, offload, checkpointing) the config allows, in order of preference (module docstring, 1-3)."""
+def _layouts(training: TrainingConfig, num_layers: int) -> list[tuple[int, str, int | None]]:
+    """(stage, offload, checkpointed blocks) the config allows, in order of preference (module docstring, 1-3);
+    None stands for 'the fewest blocks, at least one, that fit' (checkpointing under 'auto')."""
     stages = [0, 1, 2, 3] if training.zero_stage == "auto" else [training.zero_stage]
     offloads = ["none", "optimizer", "optimizer+params"] if training.offload == "auto" else [training.offload]
-    ckpts = [False, True] if training.activation_checkpointing == "auto" else [training.activation_checkpointing]
+    fixed = training.checkpointed_blocks(num_layers)
+    ckpts = [0, None] if fixed is None else [fixed]
     layouts = [(s, o, c) for o in offloads for c in ckpts for s in stages
                if not (o == "optimizer" and s == 0) and not (o == "optimizer+params" and s != 3)]
-    return sorted(layouts, key=lambda l: (offloads.index(l[1]), l[2], l[0] == 3))
+    return sorted(layouts, key=lambda l: (offloads.index(l[1]), l[2] != 0, l[0] == 3))
 
 
 def _micro_batches(model: ModelConfig, training: TrainingConfig, world_size: int) -> list[int]:
@@ -148,29 +171,54 @@ def _micro_batches(model: ModelConfig, training: TrainingConfig, world_size: int
 def evaluate_layouts(model: ModelConfig, training: TrainingConfig, world_size: int,
                      budget: MemoryBudget = UNLIMITED) -> list[Candidate]:
     """Every allowed layout at its largest fitting micro-batch, in order of preference (best first)."""
+    layers = model.n_layers
     candidates = []
-    for stage, offload, ckpt in _layouts(training):
-        estimate, problem, fitting = None, "", None
-        for micro in _micro_batches(model, training, world_size):
-            estimate = estimate_memory(model, Layout(
+    for stage, offload, blocks in _layouts(training, layers):
+        def estimate(micro: int, checkpointed: int, stage=stage, offload=offload) -> MemoryEstimate:
+            return estimate_memory(model, Layout(
                 world_size=world_size, zero_stage=stage, offload=offload, precision=training.precision,
-                micro_batch=micro, seq_len=model.max_seq_len, activation_checkpointing=ckpt,
+                micro_batch=micro, seq_len=model.max_seq_len, num_checkpointed_blocks=checkpointed,
                 ranks_per_node=budget.ranks_per_node, on_cuda=budget.on_cuda,
                 fused_ssm_kernels=budget.fused_ssm_kernels))
-            problem = _fit_problem(estimate, budget)
+
+        # The micro-batch with every block checkpointed (the least memory), then the fewest blocks at it (rule 5).
+        checkpointed = layers if blocks is None else blocks
+        fitting, best, problem = None, None, ""
+        for micro in _micro_batches(model, training, world_size):
+            best = estimate(micro, checkpointed)
+            problem = _fit_problem(best, budget)
             if not problem:
                 fitting = micro
                 break
-        candidates.append(Candidate(zero_stage=stage, offload=offload, activation_checkpointing=ckpt,
-                                    micro_batch=fitting, estimate=estimate, note=problem))
-    order = {(c.zero_stage, c.offload, c.activation_checkpointing): i for i, c in enumerate(candidates)}
+        if fitting is not None and blocks is None:
+            checkpointed, best = _fewest_blocks(lambda n: estimate(fitting, n), budget, layers, best)
+        candidates.append(Candidate(zero_stage=stage, offload=offload, num_checkpointed_blocks=checkpointed,
+                                    num_layers=layers, micro_batch=fitting, estimate=best, note=problem))
     # Within one (offload, checkpointing) tier, ZeRO 0-2 cost the same communication: the larger micro-batch wins.
-    return sorted(candidates, key=lambda c: (_tier(c), -(c.micro_batch or 0) if c.zero_stage < 3 else 0,
-                                             order[(c.zero_stage, c.offload, c.activation_checkpointing)]))
+    ranked = sorted(enumerate(candidates), key=lambda item: (
+        _tier(item[1]), -(item[1].micro_batch or 0) if item[1].zero_stage < 3 else 0, item[0]))
+    return [c for _, c in ranked]
+
+
+def _fewest_blocks(estimate_at, budget: MemoryBudget, num_layers: int,
+                   at_all: MemoryEstimate) -> tuple[int, MemoryEstimate]:
+    """The fewest checkpointed blocks, 1 to num_layers, that fit `budget`, and their estimate; at_all (the estimate
+    with every block checkpointed) fits. Memory never grows with the count, so the fitting counts are the ones from
+    some N up: a binary search over them takes log2(num_layers) estimates."""
+    low, high, found = 1, num_layers, at_all
+    while low < high:
+        middle = (low + high) // 2
+        trial = estimate_at(middle)
+        if _fit_problem(trial, budget):
+            low = middle + 1
+        else:
+            high, found = middle, trial
+    return high, found
 
 
 def _tier(c: Candidate) -> tuple[int, bool, bool]:
-    return (["none", "optimizer", "optimizer+params"].index(c.offload), c.activation_checkpointing, c.zero_stage == 3)
+    return (["none", "optimizer", "optimizer+params"].index(c.offload), c.num_checkpointed_blocks > 0,
+            c.zero_stage == 3)
 
 
 def choose_plan(model: ModelConfig, training: TrainingConfig, world_size: int,
@@ -185,8 +233,8 @@ def choose_plan(model: ModelConfig, training: TrainingConfig, world_size: int,
     accum = training.gradient_accumulation_steps or max(1, round(sequences / (best.micro_batch * world_size)))
     return Plan(zero_stage=best.zero_stage, offload_optimizer=best.offload != "none",
                 offload_params=best.offload == "optimizer+params", micro_batch=best.micro_batch, grad_accum=accum,
-                activation_checkpointing=best.activation_checkpointing, world_size=world_size,
-                seq_len=model.max_seq_len, reason=_reason(best, candidates, training, budget),
+                num_checkpointed_blocks=best.num_checkpointed_blocks, num_layers=best.num_layers,
+                world_size=world_size, seq_len=model.max_seq_len, reason=_reason(best, candidates, training, budget),
                 memory=best.estimate, budget=budget, candidates=candidates)
 
 
@@ -198,6 +246,9 @@ def _reason(best: Candidate, candidates: tuple[Candidate, ...], training: Traini
              if value not in ("auto", None)]
     ahead = [c for c in candidates if c is not best and candidates.index(c) < candidates.index(best)]
     parts = [f"{best.label} at micro-batch {best.micro_batch} is the fastest layout that fits"]
+    if training.activation_checkpointing == "auto" and 0 < best.num_checkpointed_blocks < best.num_layers:
+        parts.append(f"checkpointing the first {best.num_checkpointed_blocks} of {best.num_layers} blocks, the "
+                     "fewest that fit (each recomputes its forward pass)")
     if ahead:
         parts.append("faster layouts do not fit (" + "; ".join(f"{c.label}: {c.note}" for c in ahead[:3]) + ")")
     if budget.gpu_bytes is None:

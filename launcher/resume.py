@@ -9,6 +9,8 @@ The newest checkpoint folder records the resolved run config (`run_config.json`)
   batch_size / gradient_accumulation_steps given explicitly and changed since the checkpoint must multiply to it;
 - ZeRO stage and offload are the checkpoint's when the config leaves them `auto` (DeepSpeed loads a checkpoint
   only under the stage that wrote it);
+- activation checkpointing (true, false or a number of blocks) is planned again: recomputation changes memory and
+  speed, not what is computed, so any value resumes the same training;
 - keys that change what is trained (the model, the data, the seed, precision, the optimizer and the schedule,
   which the checkpoint's optimizer and scheduler states restore anyway) are errors naming every such key;
 - the rest (evaluation, saving and logging intervals, paths, max_steps, grad_clip, ...) are reported as warnings.

@@ -319,7 +319,7 @@ def train(run: RunConfig, plan, ds_config: dict, args: argparse.Namespace, world
 
     training = run.training.model_copy(update={
         "batch_size": plan.micro_batch, "gradient_accumulation_steps": plan.grad_accum,
-        "zero_stage": plan.zero_stage, "activation_checkpointing": plan.activation_checkpointing,
+        "zero_stage": plan.zero_stage, "activation_checkpointing": plan.num_checkpointed_blocks,
         "offload": "optimizer+params" if plan.offload_params else "optimizer" if plan.offload_optimizer else "none"})
     resolved = run.model_copy(update={"training": training})
     run_record = {"run_config": json.loads(resolved.model_dump_json()), "ds_config": ds_config,

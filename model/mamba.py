@@ -24,8 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from model.block_checkpointing import BlockCheckpointing
 from model.config import ModelConfig
 from model.losses import chunked_linear_cross_entropy, use_chunked_loss
 from model.mamba_mixers import Mamba1Mixer, Mamba2Mixer, MixerState, RMSNorm
@@ -62,15 +62,15 @@ class MambaBackbone(nn.Module):
         self.norm_f = RMSNorm(config.d_model, config.norm_eps)
 
 
-class MambaLM(nn.Module):
+class MambaLM(BlockCheckpointing, nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         if config.ssm_type == "mamba2" and (config.expand * config.d_model) % config.headdim:
             raise ValueError(f"expand * d_model = {config.expand * config.d_model} must be divisible by "
                              f"model.headdim ({config.headdim})")
         self.config = config
-        # Recompute each block in the backward pass instead of storing its activations (training only).
-        self.gradient_checkpointing: bool = False
+        # Training recomputes the first num_checkpointed_blocks blocks in backward (model/block_checkpointing.py).
+        self.num_checkpointed_blocks = 0
         self.backbone = MambaBackbone(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -108,10 +108,8 @@ class MambaLM(nn.Module):
         """Logits (B, T, V) for idx (B, T); with targets (B, T), also the mean cross-entropy over all positions.
         On CUDA with targets the loss is chunked (model/losses.py) and the logits, never built whole, are None."""
         h = self.backbone.embedding(idx).float()  # (B, T, C) fp32 residual stream
-        use_checkpoint = self.gradient_checkpointing and self.training
-        for block in self.backbone.layers:
-            # Non-reentrant: works with ZeRO-3's parameter hooks and keeps dropout masks (RNG is restored).
-            h = checkpoint(block, h, use_reentrant=False) if use_checkpoint else block(h)  # (B, T, C)
+        for i, block in enumerate(self.backbone.layers):
+            h = self.run_block(i, block, h)  # (B, T, C)
         if targets is not None and use_chunked_loss(self.lm_head.weight):  # CUDA: logits never built whole
             hidden = self.backbone.norm_f(h).to(self.lm_head.weight.dtype)  # (B, T, C)
             return None, chunked_linear_cross_entropy(hidden, self.lm_head.weight, targets)

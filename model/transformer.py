@@ -15,8 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from model.block_checkpointing import BlockCheckpointing
 from model.config import ModelConfig
 from model.losses import chunked_linear_cross_entropy, use_chunked_loss
 from model.partitioned_init import gathered_for_init
@@ -165,12 +165,12 @@ class Block(nn.Module):
         return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))  # (B, T, C)
 
 
-class Transformer(nn.Module):
+class Transformer(BlockCheckpointing, nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        # Recompute each block in the backward pass instead of storing its activations (training only).
-        self.gradient_checkpointing: bool = False
+        # Training recomputes the first num_checkpointed_blocks blocks in backward (model/block_checkpointing.py).
+        self.num_checkpointed_blocks = 0
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
         self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
@@ -203,11 +203,9 @@ class Transformer(nn.Module):
                              "crop the input or raise max_seq_len")
         cos, sin = self.rope.cos[start:start + T], self.rope.sin[start:start + T]  # (T, D/2) each
         x = self.tok_embeddings(idx)  # (B, T, C)
-        use_checkpoint = self.gradient_checkpointing and self.training and kv_cache is None
-        for block in self.layers:
-            if use_checkpoint:
-                # Non-reentrant: works with ZeRO-3's parameter hooks and keeps dropout masks (RNG is restored).
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)  # (B, T, C)
+        for i, block in enumerate(self.layers):
+            if kv_cache is None:
+                x = self.run_block(i, block, x, cos, sin)  # (B, T, C)
             else:
                 x = block(x, cos, sin, kv_cache)  # (B, T, C)
         if kv_cache is not None:

@@ -35,11 +35,13 @@ CASES: list[tuple[str, tuple[str, ...]]] = [
     ("test_small", ()),
     ("1b_transformer", ()),
     ("1b_transformer", ("training.zero_stage=3", "training.activation_checkpointing=true", "training.offload=none")),
+    ("1b_transformer", ("training.zero_stage=2", "training.activation_checkpointing=11", "training.offload=none")),
     ("1b_mamba", ()),
     ("1b_mamba", ("training.zero_stage=2", "training.activation_checkpointing=true", "training.offload=none")),
 ]
 """(preset, overrides): each preset's own plan, and for the 1B models a second layout (ZeRO-3 / ZeRO-2 with
-activation checkpointing). Offload is left out: its GPU side is small and DeepSpeedCPUAdam needs a C++ build."""
+activation checkpointing), and for the 1B Transformer the first 11 of its 22 blocks checkpointed (Megatron-LM's
+block method). Offload is left out: its GPU side is small and DeepSpeedCPUAdam needs a C++ build."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,7 +90,7 @@ def build_cases(budget: MemoryBudget) -> list[Case | tuple[str, str]]:
 
 def layout_label(plan: Plan) -> str:
     offload = {"none": "", "optimizer": " +opt offload", "optimizer+params": " +opt+param offload"}[plan.offload]
-    return f"ZeRO-{plan.zero_stage}{offload}{' +ckpt' if plan.activation_checkpointing else ''}"
+    return f"ZeRO-{plan.zero_stage}{offload}{plan.checkpointing_label}"
 
 
 def ds_config_for(case: Case) -> dict:
@@ -121,7 +123,7 @@ def measure(case: Case, steps: int) -> Result:
     model_config, plan = case.run.model, case.plan
     # Built as the Trainer builds it (on the GPU in the training dtype, or partitioned under ZeRO-3).
     model = build_model(model_config, ds_config=config, precision=case.run.training.precision, device="cuda:0")
-    model.gradient_checkpointing = plan.activation_checkpointing
+    model.num_checkpointed_blocks = plan.num_checkpointed_blocks
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.1), config=config)
     for _ in range(steps * plan.grad_accum):
         tokens = torch.randint(0, model_config.vocab_size, (plan.micro_batch, model_config.max_seq_len + 1),

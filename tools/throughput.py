@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
     seq_len, micro_batch = run.model.max_seq_len, plan.micro_batch
     setup = BenchSetup(model=run.model, training=run.training, device=device,
-                       activation_checkpointing=plan.activation_checkpointing)
+                       num_checkpointed_blocks=plan.num_checkpointed_blocks)
     ds_config = build_ds_config(run, plan, pin_memory=on_cuda)
     batches = make_batches(setup, count=args.warmup + args.steps, micro_batch=micro_batch, seq_len=seq_len)
     builders = {"deepspeed": lambda: deepspeed_contender(setup, ds_config),
@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         "preset": args.preset, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name, "torch": torch.__version__, "precision": run.training.precision,
         "seq_len": seq_len, "micro_batch": micro_batch, "steps": args.steps, "warmup": args.warmup,
-        "repeats": args.repeats, "interleaved": interleave, "layout": f"ZeRO-{plan.zero_stage}" + (" +ckpt" if plan.activation_checkpointing else ""),
+        "repeats": args.repeats, "interleaved": interleave,
+        "layout": f"ZeRO-{plan.zero_stage}{plan.checkpointing_label}",
         "num_params": plan.memory.num_params if plan.memory else None, "flops_per_token": flops_per_token,
         "peak_tflops": peak, "predicted_allocated_bytes": predicted if on_cuda else None,
         "results": results, "ratios": ratios, "errors": errors,

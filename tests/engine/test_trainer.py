@@ -165,23 +165,27 @@ def test_resume_false_starts_over(tmp_path, data_cache, process_group):
 
 
 def test_activation_checkpointing_through_the_engine_keeps_less_and_matches(tmp_path, data_cache, process_group):
-    """The same steps with and without recomputation: equal losses, and with it the engine's forward keeps only
-    the block inputs for backward (counted with autograd's saved-tensor hooks)."""
+    """The same steps with no block, the first block (a count, Megatron-LM's block method) and every block
+    recomputed: equal losses, and the engine's forward keeps for backward only the inputs of the checkpointed
+    blocks (counted with autograd's saved-tensor hooks)."""
     results = {}
-    for checkpointing in (False, True):
-        trainer = make_trainer(tmp_path / str(checkpointing), data_cache, zero_stage=2, max_steps=2,
-                               extra=[f"training.activation_checkpointing={str(checkpointing).lower()}"])
+    for setting, blocks in (("false", 0), ("1", 1), ("true", 2)):
+        trainer = make_trainer(tmp_path / setting, data_cache, zero_stage=2, max_steps=2,
+                               extra=[f"training.activation_checkpointing={setting}"])
         trainer.setup()
-        assert trainer.engine.module.gradient_checkpointing is checkpointing
+        assert trainer.engine.module.num_checkpointed_blocks == blocks
+        assert trainer.engine.module.gradient_checkpointing is (blocks == 2)
         batch = trainer.train_windows.batch(range(4))
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t.numel()), t)[1], lambda t: t):
             trainer.engine(batch[:, :-1], targets=batch[:, 1:])
         trainer.engine.zero_grad()
         losses = [trainer.train_step()["loss"] for _ in range(2)]
-        results[checkpointing] = (losses, sum(saved))
-    assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
+        results[blocks] = (losses, sum(saved))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    assert results[2][0] == pytest.approx(results[0][0], rel=1e-5)
     # Without recomputation each block keeps, per token, its norms' outputs, q, k, v, the attention output and
     # SwiGLU's three 3*d_model-wide tensors: well over 10 d_model-wide tensors. With it, only its input (1).
-    tokens, layers, width = 4 * 64, 2, 64
-    assert results[False][1] - results[True][1] > 10 * width * tokens * layers
+    tokens, width = 4 * 64, 64
+    assert results[0][1] - results[1][1] > 10 * width * tokens  # one block fewer kept whole
+    assert results[1][1] - results[2][1] > 10 * width * tokens  # and one more

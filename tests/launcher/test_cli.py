@@ -41,6 +41,18 @@ def test_misspelled_key_gives_one_message_and_no_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("value, fragment", [
+    ("2.5", "training.activation_checkpointing must be true (every block), false, auto or a number of blocks to "
+            "recompute from 0 to model.n_layers, got 2.5"),
+    ("5", "training.activation_checkpointing=5 is more blocks than the model has: give 0 to 4 (model.n_layers)"),
+])
+def test_a_bad_count_of_checkpointed_blocks_is_refused_with_the_range(tmp_path, value, fragment):
+    result = run_cli(["--preset", "tiny", "--set", f"training.activation_checkpointing={value}", "--dry_run"],
+                     cwd=tmp_path, timeout=60)
+    assert result.returncode == 2 and fragment in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_missing_default_config_is_explained(tmp_path):
     result = run_cli([], cwd=tmp_path, timeout=60)  # no config.yaml in this folder, no --preset
     assert result.returncode == 2 and "config.yaml" in result.stderr and "--preset" in result.stderr

@@ -102,6 +102,21 @@ def test_impossible_combinations_name_the_fix(overrides, fragment):
         build_run_config(preset="tiny", overrides=overrides)
 
 
+@pytest.mark.parametrize("value, expected, blocks", [("true", True, 4), ("false", False, 0), ("auto", "auto", None),
+                                                     ("0", 0, 0), ("1", 1, 1), ("3", 3, 3), ("4", 4, 4)])
+def test_activation_checkpointing_takes_a_switch_or_a_block_count(value, expected, blocks):
+    run = build_run_config(preset="tiny", overrides=[f"training.activation_checkpointing={value}"])  # 4 blocks
+    assert run.training.activation_checkpointing == expected
+    assert type(run.training.activation_checkpointing) is type(expected)  # 1 stays one block, not True
+    assert run.training.checkpointed_blocks(4) == blocks
+
+
+@pytest.mark.parametrize("value", ["-1", "1.5", "some", "[2]"])
+def test_activation_checkpointing_refuses_what_is_not_a_count(value):
+    with pytest.raises(ConfigError, match="training.activation_checkpointing must be true .* got"):
+        build_run_config(preset="tiny", overrides=[f"training.activation_checkpointing={value}"])
+
+
 def test_unknown_preset_and_model_type():
     with pytest.raises(ConfigError, match="did you mean 'tiny'"):
         build_run_config(preset="tiny_")

@@ -3,6 +3,7 @@ DeepSpeed engine really holds (world size 1 in-process, 2 under torchrun), and t
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -252,15 +253,60 @@ def test_whole_model_activations_match_saved_tensors(native_linear):
     assert estimate.activations > measured - 2 * 64 * 4 * config.vocab_size  # plus backward workspace
 
 
+CHECKPOINTING_CASES = [
+    ("transformer", dict(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=160)),
+    ("mamba", dict(ssm_type="mamba2", d_model=64, n_layers=4, d_state=16, headdim=16, ngroups=2, chunk_size=32)),
+]
+
+
+@pytest.mark.parametrize("model_type,fields", CHECKPOINTING_CASES)
+def test_checkpointed_blocks_keep_their_inputs_and_the_others_their_activations(model_type, fields, native_linear):
+    """Megatron-LM's block method, N of 4 blocks checkpointed: at the end of the forward pass autograd holds N block
+    inputs (layer_input_bytes) and 4 - N blocks' activations (layer_activation_bytes), plus the head."""
+    config = ModelConfig(model_type=model_type, vocab_size=256, max_seq_len=64, **fields)
+    torch.manual_seed(0)
+    model = create_model(model_type, config).train()
+    idx = torch.randint(0, 256, (2, 64))
+    per_layer = model_sizes.layer_activation_bytes(config, 4, seq_len=64, on_cuda=False)
+    block_input = model_sizes.layer_input_bytes(config, 4)
+    head = model_sizes.head_activation_bytes(config, 4, on_cuda=False) + 4 * config.vocab_size  # + fp32 log-softmax
+    measured = []
+    for blocks in range(5):
+        model.num_checkpointed_blocks = blocks
+        measured.append(_saved_bytes(model, lambda: model(idx, idx)))
+        predicted = 2 * 64 * (blocks * block_input + (4 - blocks) * per_layer + head)
+        assert measured[-1] == pytest.approx(predicted, rel=0.01), blocks
+    assert measured == sorted(measured, reverse=True) and measured[4] < measured[0] / 5
+
+
+def test_partial_checkpointing_counts_the_larger_of_forward_end_and_recomputation():
+    """N of L checkpointed: N inputs and L - N blocks' activations at the end of forward, or, with all of them, the
+    recomputed block (its input included) and the L - 1 inputs below it."""
+    config = build_run_config(preset="1b_transformer").model  # 22 blocks
+    layout = Layout(world_size=1, zero_stage=2, micro_batch=2, seq_len=2048)
+    per_layer = model_sizes.layer_activation_bytes(config, 2, seq_len=2048)
+    block_input = model_sizes.layer_input_bytes(config, 2)
+    outside = 2 * 2048 * (per_layer + model_sizes.head_activation_bytes(config, 2))  # backward workspace and head
+    by_blocks = [activation_bytes(config, replace(layout, num_checkpointed_blocks=n))
+                 for n in range(23)]
+    assert by_blocks[0] == outside + 2 * 2048 * 22 * per_layer
+    assert by_blocks[6] == outside + 2 * 2048 * (6 * block_input + 16 * per_layer)
+    assert by_blocks[21] == by_blocks[22] == outside + 2 * 2048 * (21 * block_input + per_layer)
+    assert by_blocks == sorted(by_blocks, reverse=True)
+    with pytest.raises(ValueError, match="model has 22"):
+        activation_bytes(config, replace(layout, num_checkpointed_blocks=23))
+
+
 def test_activation_checkpointing_keeps_block_inputs_only():
     config = build_run_config(preset="1b_transformer").model
     # activation_bytes directly: with the chunked loss the optimizer step is this layout's peak moment, where
     # the estimate's activations component is 0.
     plain = activation_bytes(config, Layout(world_size=1, zero_stage=2, micro_batch=4, seq_len=2048))
     ckpt = activation_bytes(config, Layout(world_size=1, zero_stage=2, micro_batch=4, seq_len=2048,
-                                           activation_checkpointing=True))
+                                           num_checkpointed_blocks=22))
     per_layer = model_sizes.layer_activation_bytes(config, 2, seq_len=2048)
-    assert ckpt == 4 * 2048 * (22 * 2 * 2048 + 2 * per_layer + model_sizes.head_activation_bytes(config, 2))
+    # The inputs of blocks 0-20 and block 21 recomputed (its input among its activations), one block's workspace.
+    assert ckpt == 4 * 2048 * (21 * 2 * 2048 + 2 * per_layer + model_sizes.head_activation_bytes(config, 2))
     assert ckpt < plain / 4
 
 
@@ -278,7 +324,7 @@ def test_estimate_components_add_up_and_grow_with_batch():
 def test_zero_stages_and_offload_shrink_memory_in_order():
     config = build_run_config(preset="7b_transformer").model
     totals = [estimate_memory(config, Layout(world_size=4, zero_stage=stage, offload=offload,
-                                             activation_checkpointing=True, seq_len=4096)).gpu_total
+                                             num_checkpointed_blocks=32, seq_len=4096)).gpu_total
               for stage, offload in [(0, "none"), (1, "none"), (2, "none"), (3, "none"), (3, "optimizer"),
                                      (3, "optimizer+params")]]
     assert totals == sorted(totals, reverse=True)
@@ -300,7 +346,7 @@ def test_host_plan_counts_the_fp32_copy_rank_0_gathers_at_export():
     run = build_run_config(preset="7b_transformer")
     params = model_sizes.count_parameters(run.model)
     layout = Layout(world_size=4, zero_stage=2, offload="optimizer", precision="bf16", micro_batch=1, seq_len=4096,
-                    activation_checkpointing=True)
+                    num_checkpointed_blocks=32)
     estimate = estimate_memory(run.model, layout)
     offloaded = estimate.model_states.cpu
     assert estimate.node_host_total >= 4 * offloaded + 4 * params  # all ranks' states + one fp32 model

@@ -7,7 +7,9 @@ import pytest
 from launcher.config import build_run_config
 from launcher.hardware import (GIB, UNLIMITED, GpuInfo, HardwareError, MemoryBudget, detect_gpus, memory_budget,
                                parse_memory_size)
-from launcher.plan import MAX_MICRO_BATCH, Plan, PlanError, choose_plan, evaluate_layouts
+from launcher import plan as plan_module
+from launcher.memory import Layout, estimate_memory
+from launcher.plan import MAX_MICRO_BATCH, SAFETY_MARGIN, Plan, PlanError, choose_plan, evaluate_layouts
 from launcher.presets import PRESETS
 from launcher.report import render_candidates, render_plan
 
@@ -37,7 +39,7 @@ def test_parse_memory_size_refuses_what_it_cannot_read(text):
 
 def test_tiny_on_a_24gb_gpu_is_plain_data_parallel():
     plan, _ = plan_for("tiny", 1, "24GB")
-    assert (plan.zero_stage, plan.offload, plan.activation_checkpointing) == (0, "none", False)
+    assert (plan.zero_stage, plan.offload, plan.num_checkpointed_blocks) == (0, "none", 0)
     assert (plan.micro_batch, plan.grad_accum) == (16, 1)  # the preset's explicit values
     assert plan.memory.gpu_total < 4 * GIB
 
@@ -49,16 +51,17 @@ def test_automatic_micro_batch_is_the_largest_power_of_two_that_fits_and_accumul
     bigger = choose_plan(run.model, run.training.model_copy(update={"batch_size": plan.micro_batch * 2}), 1,
                          plan.budget) if plan.micro_batch < MAX_MICRO_BATCH else None
     assert bigger is None or bigger.zero_stage > plan.zero_stage or bigger.offload != "none" \
-        or bigger.activation_checkpointing
+        or bigger.num_checkpointed_blocks > 0
 
 
 def test_7b_transformer_on_four_24gb_gpus_needs_offload():
     plan, _ = plan_for("7b_transformer", 4, "24GB", host=512 * GIB)
-    # The figures docs/memory.md states for this claim ("ZeRO-2 + optimizer offload + checkpointing ... 22.0 GiB at
-    # micro-batch 2, the plan's choice").
-    assert (plan.zero_stage, plan.offload, plan.activation_checkpointing) == (2, "optimizer", True)
+    # The figures docs/memory.md states for this claim ("ZeRO-2 + optimizer offload + checkpointing of 31 of the 32
+    # blocks ... 21.9 GiB at micro-batch 2, the plan's choice"): the last block's recomputation would hold what
+    # keeping its activations holds, so the fewest blocks that fit stop one short of all.
+    assert (plan.zero_stage, plan.offload, plan.num_checkpointed_blocks) == (2, "optimizer", 31)
     assert (plan.micro_batch, plan.grad_accum) == (2, 128)
-    assert round(plan.memory.gpu_total / GIB, 1) == 22.0
+    assert round(plan.memory.gpu_total / GIB, 1) == 21.9
     assert plan.memory.gpu_total <= 24 * GIB * 0.95
     no_offload = [c for c in plan.candidates if c.offload == "none"]
     assert no_offload and not any(c.fits for c in no_offload)  # 20 bytes/parameter over 4 ranks alone is 31 GiB
@@ -66,7 +69,7 @@ def test_7b_transformer_on_four_24gb_gpus_needs_offload():
 
 def test_7b_transformer_on_eight_80gb_gpus_trains_without_offload():
     plan, run = plan_for("7b_transformer", 8, "80GB", host=1024 * GIB)
-    assert plan.offload == "none" and not plan.activation_checkpointing
+    assert plan.offload == "none" and plan.num_checkpointed_blocks == 0
     assert plan.global_batch_tokens == run.training.tokens_per_step
 
 
@@ -74,9 +77,73 @@ def test_explicit_values_are_kept():
     plan, _ = plan_for("test_small", 2, "80GB", overrides=(
         "training.zero_stage=1", "training.offload=none", "training.activation_checkpointing=true",
         "training.batch_size=4", "training.gradient_accumulation_steps=3"))
-    assert (plan.zero_stage, plan.offload, plan.activation_checkpointing) == (1, "none", True)
+    assert (plan.zero_stage, plan.offload, plan.num_checkpointed_blocks) == (1, "none", 10)
     assert (plan.micro_batch, plan.grad_accum, plan.global_batch) == (4, 3, 24)
     assert "training.zero_stage=1" in plan.reason and len(plan.candidates) == 1
+
+
+def _fewest_blocks_by_brute_force(run, budget: MemoryBudget, micro_batch: int) -> int | None:
+    """The oracle: every count of checkpointed blocks estimated, the smallest (>= 1) whose GPU total fits."""
+    training = run.training
+    for blocks in range(1, run.model.n_layers + 1):
+        estimate = estimate_memory(run.model, Layout(
+            world_size=1, zero_stage=training.zero_stage, offload=training.offload, precision=training.precision,
+            micro_batch=micro_batch, seq_len=run.model.max_seq_len, num_checkpointed_blocks=blocks))
+        if estimate.gpu_total <= budget.gpu_bytes * (1 - SAFETY_MARGIN):
+            return blocks
+    return None
+
+
+@pytest.mark.parametrize("batch_size, gpu_gib", [(None, 25), (8, 20), (8, 28), (8, 36), (8, 44), (8, 60)])
+def test_auto_checkpoints_the_fewest_blocks_that_fit(batch_size, gpu_gib, monkeypatch):
+    """1B Transformer (22 blocks), ZeRO-2 on one GPU (16 bytes per parameter: 23.5 GiB before any activation):
+    between the budgets where nothing fits and where no block needs recomputing, the plan checkpoints the first N
+    blocks, N the smallest that fits at its micro-batch (the largest that fits with every block checkpointed)."""
+    run = build_run_config(preset="1b_transformer", overrides=["training.zero_stage=2", "training.offload=none",
+                                                                f"training.batch_size={batch_size or 'null'}"])
+    budget = memory_budget(1, int(gpu_gib * GIB), host_bytes=WORKSTATION_HOST)
+    calls = []
+    real_estimate = plan_module.estimate_memory
+    monkeypatch.setattr(plan_module, "estimate_memory", lambda *a, **kw: calls.append(1) or real_estimate(*a, **kw))
+    try:
+        plan = choose_plan(run.model, run.training, 1, budget)
+    except PlanError:
+        assert _fewest_blocks_by_brute_force(run, budget, batch_size or 1) is None
+        return
+    # Micro-batches tried twice (without, then with checkpointing), and log2(22) < 5 blocks counts for the second.
+    assert len(calls) <= 2 * len(plan_module._micro_batches(run.model, run.training, 1)) + 5
+    if plan.num_checkpointed_blocks == 0:
+        return
+    # Checkpointing was needed: not even micro-batch 1 fits without it.
+    assert not any(c.fits for c in plan.candidates if c.num_checkpointed_blocks == 0)
+    assert plan.num_checkpointed_blocks == _fewest_blocks_by_brute_force(run, budget, plan.micro_batch)
+    bigger = plan.micro_batch * 2
+    assert batch_size or bigger > MAX_MICRO_BATCH or _fewest_blocks_by_brute_force(run, budget, bigger) is None
+    assert plan.memory.layout.num_checkpointed_blocks == plan.num_checkpointed_blocks
+
+
+def test_a_partial_count_is_chosen_shown_and_explained():
+    run = build_run_config(preset="1b_transformer", overrides=["training.zero_stage=2", "training.offload=none",
+                                                                "training.batch_size=8"])
+    budget = memory_budget(1, 36 * GIB, host_bytes=WORKSTATION_HOST)
+    plan = choose_plan(run.model, run.training, 1, budget)
+    blocks = plan.num_checkpointed_blocks
+    assert 0 < blocks < 21 and plan.num_layers == 22
+    text = render_plan(plan, run.model, run.training)
+    assert f"Chosen: ZeRO-2 +ckpt {blocks}/22, micro-batch 8" in text
+    assert f"checkpointing the first {blocks} of 22 blocks, the fewest that fit" in text
+
+
+def test_an_explicit_block_count_is_kept_and_checked():
+    plan, _ = plan_for("test_small", 1, "80GB", overrides=("training.activation_checkpointing=4",))
+    assert plan.num_checkpointed_blocks == 4 and all(c.num_checkpointed_blocks == 4 for c in plan.candidates)
+    assert "training.activation_checkpointing=4" in plan.reason and plan.checkpointing_label == " +ckpt 4/10"
+    assert plan.memory.layout.num_checkpointed_blocks == 4
+    with pytest.raises(PlanError) as error:  # 2 blocks are too few at micro-batch 8; auto finds how many are not
+        plan_for("1b_transformer", 1, "36GB", overrides=("training.activation_checkpointing=2",
+                                                           "training.zero_stage=2", "training.offload=none",
+                                                           "training.batch_size=8"))
+    assert "- training.activation_checkpointing=auto: ZeRO-2 +ckpt " in str(error.value)
 
 
 def test_explicit_batch_size_that_does_not_fit_names_the_key_and_what_fits():
@@ -94,13 +161,13 @@ def test_nothing_fits_says_what_would():
     message = str(error.value)
     assert "no layout fits: 8 tried" in message
     # micro-batch 2: the chunked loss (model/losses.py) holds one 2048-token chunk of logits, not the whole batch's
-    assert "- training.offload=auto: ZeRO-2 +opt offload +ckpt fits at micro-batch 2" in message
+    assert "- training.offload=auto: ZeRO-2 +opt offload +ckpt 31/32 fits at micro-batch 2" in message
     assert "- more GPUs: 8 of this size" in message
     assert "GPUs with at least" in message
     with pytest.raises(PlanError) as error:
         plan_for("7b_transformer", 8, "24GB", host=512 * GIB,
                  overrides=("training.offload=none", "training.activation_checkpointing=false"))
-    assert "- training.activation_checkpointing=auto: ZeRO-3 +ckpt fits" in str(error.value)
+    assert "- training.activation_checkpointing=auto: ZeRO-3 +ckpt 27/32 fits" in str(error.value)
     assert "- a shorter sequence: model.max_seq_len=1024 (ZeRO-3, micro-batch 1)" in str(error.value)
 
 
@@ -147,9 +214,9 @@ def test_candidates_are_ordered_and_the_first_fitting_one_is_chosen():
     plan, run = plan_for("1b_transformer", 2, "24GB")
     fitting = [c for c in plan.candidates if c.fits]
     best = fitting[0]
-    assert (best.zero_stage, best.offload, best.activation_checkpointing, best.micro_batch) == (
-        plan.zero_stage, plan.offload, plan.activation_checkpointing, plan.micro_batch)
-    tiers = [(["none", "optimizer", "optimizer+params"].index(c.offload), c.activation_checkpointing,
+    assert (best.zero_stage, best.offload, best.num_checkpointed_blocks, best.micro_batch) == (
+        plan.zero_stage, plan.offload, plan.num_checkpointed_blocks, plan.micro_batch)
+    tiers = [(["none", "optimizer", "optimizer+params"].index(c.offload), c.num_checkpointed_blocks > 0,
               c.zero_stage == 3) for c in plan.candidates]
     assert tiers == sorted(tiers)
     assert evaluate_layouts(run.model, run.training, 2, plan.budget) == list(plan.candidates)

@@ -9,6 +9,7 @@ import pytest
 
 from engine.errors import CheckpointError
 from launcher.config import ConfigError, build_run_config
+from launcher.hardware import UNLIMITED
 from launcher.resume import find_resume_point, pin_to_checkpoint, plan_resumed_run, split_global_batch
 from tests.conftest import SMALL_MODEL, run_cli
 from tests.launcher.test_cli import small_run_args
@@ -21,12 +22,12 @@ def run_config(tmp_path, *extra):
                                                       *extra])
 
 
-def fake_checkpoint(tmp_path, *, micro=4, accum=2, world_size=1, zero_stage=2, extra=()):
+def fake_checkpoint(tmp_path, *, micro=4, accum=2, world_size=1, zero_stage=2, checkpointed=0, extra=()):
     """A checkpoint folder as launcher/run.py's train() describes one (run_config.json, ds_config.json)."""
     run = run_config(tmp_path, *extra)
     resolved = run.training.model_copy(update={"batch_size": micro, "gradient_accumulation_steps": accum,
                                                "zero_stage": zero_stage, "offload": "none",
-                                               "activation_checkpointing": False})
+                                               "activation_checkpointing": checkpointed})
     folder = tmp_path / "ckpt" / "checkpoint_step_3"
     folder.mkdir(parents=True)
     (folder / "run_config.json").write_text(run.model_copy(update={"training": resolved}).model_dump_json())
@@ -67,6 +68,18 @@ def test_harmless_differences_are_warnings_naming_each_key(tmp_path):
     assert keys == ["training.eval_interval", "training.max_runtime", "training.max_steps",
                     "training.tokens_per_step"]
     assert any("global batch is kept" in line for line in warnings)
+
+
+@pytest.mark.parametrize("saved, now, planned", [(0, "1", 1), (1, "true", 2), (True, "false", 0), (2, "auto", 0)])
+def test_another_count_of_checkpointed_blocks_resumes_without_remarks(tmp_path, saved, now, planned):
+    """Recomputation changes memory, not the training: like the older true/false, the count is planned again
+    (false/true from a checkpoint written before counts existed included; SMALL_MODEL has 2 blocks)."""
+    fake_checkpoint(tmp_path, checkpointed=saved)
+    run = run_config(tmp_path, f"training.activation_checkpointing={now}")
+    point = find_resume_point(run)
+    _, warnings = pin_to_checkpoint(run, point)
+    assert warnings == []
+    assert plan_resumed_run(run, point, 1, UNLIMITED, report=False).num_checkpointed_blocks == planned
 
 
 def test_an_explicit_other_zero_stage_is_refused(tmp_path):

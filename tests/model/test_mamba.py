@@ -294,16 +294,30 @@ def test_fixed_seed_loss_curve_matches_the_committed_baseline(ssm_type):
 
 
 @pytest.mark.parametrize("ssm_type", ["mamba2", "mamba1"])
-def test_gradient_checkpointing_gives_the_same_gradients(ssm_type):
+def test_checkpointing_the_first_blocks_gives_the_same_loss_and_gradients(ssm_type, monkeypatch):
+    """None, the first of three blocks (Megatron-LM's block method), and all of them: one loss, one gradient."""
+    import model.block_checkpointing as block_checkpointing
+
+    calls = []
+    real_checkpoint = block_checkpointing.checkpoint
+    monkeypatch.setattr(block_checkpointing, "checkpoint",
+                        lambda block, *a, **kw: calls.append(block) or real_checkpoint(block, *a, **kw))
     idx = torch.randint(0, 64, (2, 19))
-    grads = []
-    for checkpointing in (False, True):
-        model = make_model(ssm_type).train()
-        model.gradient_checkpointing = checkpointing
-        model(idx, idx)[1].backward()
-        grads.append({k: p.grad for k, p in model.named_parameters()})
-    for name, grad in grads[0].items():
-        torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=1e-6, msg=name)
+    results = []
+    for setting in (0, 1, True):
+        model = make_model(ssm_type, n_layers=3).train()
+        if setting is True:
+            model.gradient_checkpointing = True
+        else:
+            model.num_checkpointed_blocks = setting
+        loss = model(idx, idx)[1]
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad for k, p in model.named_parameters()}))
+    assert len(calls) == 1 + 3 and calls[1:] == list(model.backbone.layers)
+    for loss, grads in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], rtol=0, atol=0)
+        for name, grad in results[0][1].items():
+            torch.testing.assert_close(grads[name], grad, rtol=0, atol=1e-6, msg=name)
 
 
 def test_transformers_state_dict_mapping_round_trips():

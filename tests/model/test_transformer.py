@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-import model.transformer as transformer_module
+import model.block_checkpointing as block_checkpointing
 from model import ModelConfig, create_model
 from model.transformer import (CausalSelfAttention, KVCache, Transformer, grouped_query_attention,
                                reference_attention)
@@ -199,23 +199,51 @@ def test_generate_top_k_one_is_greedy_and_eos_stops():
     assert torch.equal(stopped, greedy[:, :4 + first_eos + 1])
 
 
-def test_gradient_checkpointing_gives_same_loss_and_gradients(monkeypatch):
+def _count_checkpointed_blocks(monkeypatch) -> list:
+    """The blocks model/block_checkpointing.py hands to torch's checkpoint, in call order."""
     calls = []
-    real_checkpoint = transformer_module.checkpoint
-    monkeypatch.setattr(transformer_module, "checkpoint", lambda *a, **kw: calls.append(1) or real_checkpoint(*a, **kw))
+    real_checkpoint = block_checkpointing.checkpoint
+    monkeypatch.setattr(block_checkpointing, "checkpoint",
+                        lambda block, *a, **kw: calls.append(block) or real_checkpoint(block, *a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("num_blocks", [1, 2, 3])
+def test_checkpointing_the_first_blocks_gives_same_loss_and_gradients(num_blocks, monkeypatch):
+    """Megatron-LM's block method: the first num_blocks blocks are recomputed, the rest keep their activations;
+    the loss and every gradient are those of the model without checkpointing (3 = every block)."""
+    calls = _count_checkpointed_blocks(monkeypatch)
     idx, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
     results = []
-    for enabled in (False, True):
-        model = make_model(dropout=0.1).train()  # dropout: recomputation must replay the same masks
-        model.gradient_checkpointing = enabled
+    for blocks in (0, num_blocks):
+        model = make_model(dropout=0.1, n_layers=3).train()  # dropout: recomputation must replay the same masks
+        model.num_checkpointed_blocks = blocks
         torch.manual_seed(1)
         loss = model(idx, targets)[1]
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    assert len(calls) == 2  # one per block, only when enabled
+    assert calls == list(model.layers[:num_blocks])  # the first ones, once each, only when asked
+    assert model.gradient_checkpointing is (num_blocks == 3)
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, rtol=1e-6, atol=1e-7)
+
+
+def test_gradient_checkpointing_switch_means_every_block_or_none(monkeypatch):
+    calls = _count_checkpointed_blocks(monkeypatch)
+    model = make_model(n_layers=3).train()
+    model.gradient_checkpointing = True
+    assert model.num_checkpointed_blocks == 3
+    model(torch.randint(0, 64, (1, 8)))
+    assert len(calls) == 3
+    model.eval()(torch.randint(0, 64, (1, 8)))  # no recomputation outside training
+    model.gradient_checkpointing = False
+    assert (model.num_checkpointed_blocks, model.gradient_checkpointing) == (0, False)
+    model.train()(torch.randint(0, 64, (1, 8)))
+    assert len(calls) == 3
+    for bad in (4, -1, True, 1.5):
+        with pytest.raises(ValueError, match="0-3"):
+            model.num_checkpointed_blocks = bad
 
 
 def test_zero3_init_and_gradient_checkpointing(process_group, monkeypatch):
@@ -237,22 +265,21 @@ def test_zero3_init_and_gradient_checkpointing(process_group, monkeypatch):
         assert torch.equal(model.norm.weight, torch.ones(64))
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
                                       config=ds_config)
-    calls = []
-    real_checkpoint = transformer_module.checkpoint
-    monkeypatch.setattr(transformer_module, "checkpoint", lambda *a, **kw: calls.append(1) or real_checkpoint(*a, **kw))
+    calls = _count_checkpointed_blocks(monkeypatch)
     idx, targets = torch.randint(0, 256, (2, 16)), torch.randint(0, 256, (2, 16))
     results = []
-    for enabled in (False, True):
-        engine.module.gradient_checkpointing = enabled
+    for blocks in (0, 4, 1):
+        engine.module.num_checkpointed_blocks = blocks
         loss = engine(idx, targets=targets)[1]
         engine.backward(loss)
         results.append((loss.item(), {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}))
         engine.optimizer.zero_grad()
-    assert len(calls) == 4
-    assert abs(results[0][0] - math.log(256)) < 0.15 and results[1][0] == results[0][0]
+    assert calls == [*engine.module.layers, engine.module.layers[0]]
+    assert abs(results[0][0] - math.log(256)) < 0.15 and results[1][0] == results[0][0] == results[2][0]
     for name, grad in results[0][1].items():
         assert grad.abs().sum() > 0
-        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-6, atol=1e-7)
+        for checkpointed in results[1:]:
+            torch.testing.assert_close(checkpointed[1][name], grad, rtol=1e-6, atol=1e-7)
 
 
 def test_dropout_only_in_training():

@@ -7,6 +7,7 @@ import torch
 
 from launcher.hardware import GIB, MemoryBudget
 from tools import check_memory_gpu as check
+from tools.check_memory_gpu import layout_label
 
 H200 = MemoryBudget(gpu_bytes=139 * GIB, cpu_bytes=128 * GIB, fused_ssm_kernels=False, source="H200 (test)")
 
@@ -17,7 +18,9 @@ def test_cases_are_planned_for_one_large_gpu():
     planned = [c for c in cases if isinstance(c, check.Case)]
     assert len(planned) == len(cases)
     assert {c.run.model.model_type for c in planned} == {"transformer", "mamba"}
-    assert any(c.plan.zero_stage == 3 and c.plan.activation_checkpointing for c in planned)
+    assert any(c.plan.zero_stage == 3 and c.plan.num_checkpointed_blocks == 22 for c in planned)
+    assert any(c.plan.num_checkpointed_blocks == 11 and layout_label(c.plan) == "ZeRO-2 +ckpt 11/22"
+               for c in planned)
     for case in planned:
         assert case.plan.grad_accum == check.ACCUMULATION and case.plan.memory.gpu_total < 139 * GIB
         zero = check.ds_config_for(case)["zero_optimization"]

@@ -109,3 +109,24 @@ def test_gpu_check_script_says_no_gpu():
     done = subprocess.run(["bash", str(REPO_ROOT / "tools" / "gpu_check.sh")], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("no GPU"), done.stdout + done.stderr
+
+
+def test_the_transformers_peer_checkpoints_the_first_layers_only():
+    """The peer recomputes the same blocks as ours (engine/benchmark.py checkpoint_first_layers): counted by the
+    checkpoint function transformers calls once per checkpointed layer in a training forward."""
+    transformers = pytest.importorskip("transformers")
+    from engine.benchmark import checkpoint_first_layers
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    for blocks in (0, 1, 3):
+        model = transformers.LlamaForCausalLM(config).train()
+        checkpoint_first_layers(model, blocks)
+        called = []
+        for index, layer in enumerate(model.model.layers):
+            if layer.gradient_checkpointing:
+                real = layer._gradient_checkpointing_func
+                layer._gradient_checkpointing_func = (
+                    lambda *args, index=index, real=real, **kwargs: called.append(index) or real(*args, **kwargs))
+        model(input_ids=torch.randint(0, 64, (1, 8))).logits.sum().backward()
+        assert called == list(range(blocks))
