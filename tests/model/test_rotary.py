@@ -48,8 +48,11 @@ def test_rotation_preserves_norms_and_backward_undoes_it():
     x, cos, sin = _inputs(torch.float32)
     x = x.detach()
     rotated = apply_rotary(x, cos, sin)
-    pairs = lambda t: t.unflatten(-1, (2, -1)).pow(2).sum(-2)  # noqa: E731 - |(x_i, x_{i+D/2})|^2 per pair
-    torch.testing.assert_close(pairs(rotated), pairs(x), rtol=1e-5, atol=1e-6)
+
+    def squared_pair_norms(t):  # |(t_i, t_{i+D/2})|^2, (B, H, T, D/2)
+        return t.unflatten(-1, (2, -1)).pow(2).sum(-2)
+
+    torch.testing.assert_close(squared_pair_norms(rotated), squared_pair_norms(x), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(rotary._rotate_back(rotated, cos, sin), x, rtol=1e-5, atol=1e-6)
 
 
@@ -110,7 +113,7 @@ def _check_compiled_against_reference(device: str) -> None:
             torch.testing.assert_close(out, ref_out, **tolerance)
             torch.testing.assert_close(grad, ref_grad, **tolerance)
         assert counters["stats"]["unique_graphs"] == graphs, "a new length or head count compiled a new graph"
-    assert rotary._compile_failure is None
+    assert rotary._compile_failure is None, rotary._compile_failure
 
 
 @pytest.mark.slow
