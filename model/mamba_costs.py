@@ -130,23 +130,32 @@ def matmul_parameters(m: ModelConfig) -> int:
     return m.n_layers * per_layer + m.vocab_size * d
 
 
-def scan_forward_flops_per_token(m: ModelConfig, seq_len: int) -> int:
-    """Forward FLOPs of one layer's sequence mixing per token, besides the projections.
+def conv_forward_flops_per_token(m: ModelConfig) -> int:
+    """Forward FLOPs of one layer's depthwise causal conv per token: a multiply-add per channel and tap."""
+    return 2 * mamba_dims(m)["conv_dim"] * m.d_conv
 
-    Depthwise causal conv: 2 x conv_dim x d_conv. Mamba-2, the SSD algorithm's four matmuls per chunk of Q tokens
-    (Dao & Gu 2024, arXiv:2405.21060, section 6; model/ssd_scan.py steps 1, 2 and 4): C B^T (2 G Q N), its masked
-    product with X (2 H Q P), the chunk states X^T B (2 H P N) and the outputs C S (2 H P N); the state passing
-    between chunks is elementwise. Mamba-1, the selective scan's recurrence: per channel and state element one
-    decay multiply, one input multiply-add and one output multiply-add, ~9 d_inner N with the discretisation
-    (Gu & Dao 2023, arXiv:2312.00752, section 3.3, counted as mamba-ssm's benchmarks do).
+
+def scan_forward_flops_per_token(m: ModelConfig, seq_len: int) -> int:
+    """Forward FLOPs of one layer's sequence mixing per token, besides the projections: the conv, then the scan.
+
+    Mamba-2, the SSD algorithm's four matmuls per chunk of Q tokens (Dao & Gu 2024, arXiv:2405.21060, section 6;
+    model/ssd_scan.py steps 1, 2 and 4): C B^T (2 G Q N), its masked product with X (2 H Q P), the chunk states
+    X^T B (2 H P N) and the outputs C S (2 H P N); the state passing between chunks is elementwise.
+    Mamba-1, the selective scan's recurrence (Gu & Dao 2023, arXiv:2312.00752, Algorithm 2; model/selective_scan.py)
+    per channel and state element: delta A (1 multiply; its exp, a transcendental, is not counted, as PaLM's count
+    leaves out softmax's), the input (delta u) B (1 multiply; delta u is per channel), h = a h + b (a multiply-add)
+    and y = C . h (a multiply-add): 6 d_inner N. The 9 L N per channel of Gu (state-spaces/mamba#110) counts the
+    CUDA kernel's parallel scan, whose prefix-sum algorithm takes 2 L associative steps where the recurrence takes
+    L: MFU counts the model's arithmetic, not a kernel's (model/transformer_costs.py likewise counts attention over
+    the full square whatever a causal kernel skips).
     """
     dims = mamba_dims(m)
-    conv = 2 * dims["conv_dim"] * m.d_conv
+    conv = conv_forward_flops_per_token(m)
     if m.ssm_type == "mamba2":
         q = min(m.chunk_size, seq_len)
         h, p, n, g = dims["nheads"], m.headdim, m.d_state, m.ngroups
         return conv + 2 * g * q * n + 2 * h * q * p + 4 * h * p * n
-    return conv + 9 * dims["d_inner"] * m.d_state
+    return conv + 6 * dims["d_inner"] * m.d_state
 
 
 def training_flops_per_token(m: ModelConfig, seq_len: int) -> int:

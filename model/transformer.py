@@ -3,8 +3,9 @@
 Block: x + Attention(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)): pre-norm as in LLaMA (Touvron et al. 2023),
 RMSNorm of Zhang & Sennrich 2019 (arXiv:1910.07467).
 Attention is grouped-query (Ainslie et al. 2023, arXiv:2305.13245) with rotary position embeddings (Su et al.
-2021, arXiv:2104.09864) through `F.scaled_dot_product_attention`, so CUDA gets FlashAttention and the CPU gets
-its own kernels; `reference_attention` is the plain-PyTorch twin the tests compare against. No biases anywhere.
+2021, arXiv:2104.09864; the rotation and its reference are model/rotary.py) through `F.scaled_dot_product_attention`,
+so CUDA gets FlashAttention and the CPU gets its own kernels; `reference_attention` is the plain-PyTorch twin the
+tests compare against. No biases anywhere.
 Needs torch >= 2.5 (nn.RMSNorm since 2.4, SDPA's enable_gqa since 2.5).
 Shapes: B batch, T time, C = d_model, H query heads, K key/value heads, D head dim, V vocabulary.
 """
@@ -20,6 +21,7 @@ from model.block_checkpointing import BlockCheckpointing
 from model.config import ModelConfig
 from model.losses import chunked_linear_cross_entropy, use_chunked_loss
 from model.partitioned_init import gathered_for_init
+from model.rotary import apply_rotary_fused
 from model.sampling import decode
 
 
@@ -50,13 +52,6 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self._tables()
         self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
         return self
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate channel pairs (i, i + D/2) of x (B, H, T, D) by the angles of its T positions, in fp32."""
-    x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, T, D/2) each
-    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, H, T, D)
-    return rotated.type_as(x)
 
 
 def _gqa_reaches_fused_kernel(q: Tensor, attn_mask: Tensor | None) -> bool:
@@ -124,7 +119,7 @@ class CausalSelfAttention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = self.wv(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary_fused(q, cos, sin), apply_rotary_fused(k, cos, sin)  # (B, H, T, D), (B, K, T, D)
         start = kv_cache.pos if kv_cache is not None else 0
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)  # (B, K, start+T, D)

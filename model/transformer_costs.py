@@ -34,7 +34,9 @@ def transformer_layer_activation_bytes(m: ModelConfig, act_bytes: int, *, kv_hea
     Attention: RMSNorm (input, rstd) and its output (feeds wq, wk, wv once), q (d), k and v (2 kv), the SDPA output
     (d) and wo's input, a contiguous copy of the transposed output (d); an fp32 log-sum-exp per head.
     kv = n_kv_heads * head_dim when SDPA receives grouped heads (FlashAttention's enable_gqa, bf16/fp16 on CUDA),
-    d when model/transformer.py repeats K/V heads first (every other kernel).
+    d when model/transformer.py repeats K/V heads first (every other kernel). The rotary embedding adds nothing:
+    model/rotary.py's op saves only the cos/sin tables (buffers), as does its eager reference, whose products each
+    have a table as the other operand; q and k above are the rotated tensors SDPA keeps.
     MLP: RMSNorm and its output, w1 x, silu(w1 x), w3 x and their product (4 ffn).
     Korthikanti et al. 2022's 34 sbh bytes (GPT, 2-byte, dropout masks, s^2 scores excluded) becomes here
     (7d + 2 kv + 4 ffn) x bytes + 4 (H + 2) per token with fused norms: 39.5 d bytes for LLaMA-2-7B in bf16.

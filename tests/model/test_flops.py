@@ -1,6 +1,7 @@
 """Each family's stated training FLOPs per token against an independent count: torch's FlopCounterMode over one
 forward and backward pass of the real model (it counts matmuls, convolutions and attention, 2 FLOPs per
-multiply-add, backward as the ops autograd runs)."""
+multiply-add, backward as the ops autograd runs), and for Mamba-1's elementwise scan, which it does not see, the
+recurrence's operations counted here."""
 from __future__ import annotations
 
 import pytest
@@ -56,6 +57,52 @@ def test_mamba2_flops_match_flop_counter(fields):
     counted = by_op["aten.mm"] + by_op["aten.bmm"] + 3 * by_op["aten.convolution"]
     stated = family_costs("mamba").training_flops_per_token(config, seq_len) * batch * seq_len
     assert counted == stated
+
+
+def _selective_scan_forward_flops(d_inner: int, d_state: int) -> int:
+    """Multiplies and adds per token of the recurrence model/selective_scan.py runs (Gu & Dao 2023, Algorithm 2),
+    for each channel d and state index n; the exp and the per-channel delta * u (1/N as many) are not counted."""
+    ops_per_channel_and_state = {
+        "delta * A, the decay's exponent": 1,
+        "(delta u) * B, the input": 1,
+        "a * h + b, the state update": 2,
+        "C * h summed over N, the output": 2,
+    }
+    return sum(ops_per_channel_and_state.values()) * d_inner * d_state
+
+
+@pytest.mark.parametrize("fields", [
+    dict(d_state=8),
+    dict(d_state=16, dt_rank=5, d_conv=3, expand=3, tie_embeddings=False),
+])
+def test_mamba1_flops_match_flop_counter_and_the_recurrence(fields):
+    """FlopCounterMode sees the projections (in_proj, x_proj, dt_proj, out_proj, lm_head: aten.mm) and the conv,
+    which must equal the formula's matmul and conv parts exactly; of the scan it sees only the output contraction
+    C . h, which model/selective_scan.py runs as a bmm. The scan term is checked against the recurrence's own
+    count (above); training is 3x forward, as for the projections. The conv's backward as in the Mamba-2 test."""
+    config = ModelConfig(model_type="mamba", ssm_type="mamba1", vocab_size=211, max_seq_len=64, d_model=64,
+                         n_layers=2, **fields)
+    batch, seq_len = 2, 32
+    tokens = batch * seq_len
+    d_inner = config.expand * config.d_model
+    idx = torch.randint(0, config.vocab_size, (batch, seq_len))
+    model = create_model("mamba", config)
+    with FlopCounterMode(display=False) as counter:
+        _, loss = model(idx, idx)
+        loss.backward()
+    by_op = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    assert set(by_op) == {"aten.mm", "aten.bmm", "aten.convolution", "aten.convolution_backward"}
+    costs = family_costs("mamba")
+    assert by_op["aten.mm"] == 6 * costs.matmul_parameters(config) * tokens
+    assert by_op["aten.convolution"] == config.n_layers * costs.conv_forward_flops_per_token(config) * tokens
+    scan = _selective_scan_forward_flops(d_inner, config.d_state)
+    stated = costs.training_flops_per_token(config, seq_len) * tokens
+    assert stated == by_op["aten.mm"] + 3 * by_op["aten.convolution"] + 3 * config.n_layers * scan * tokens
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(idx)
+    by_op = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    assert by_op["aten.bmm"] == config.n_layers * 2 * d_inner * config.d_state * tokens  # y = C . h
 
 
 def test_flops_grow_with_sequence_only_through_attention():
