@@ -55,9 +55,10 @@ class PreprocessOptions:
     """Stop after this many tokens (training + validation); None reads the whole source."""
     dedup: bool = True
     """Drop documents whose exact text was seen before."""
-    task_bytes: int = 1 << 20
-    """Text sent to a worker at once: a task closes at the first document that reaches this many characters
-    (~1 MB: the hand-off costs per task, so tasks of short documents, TinyStories' ~800 bytes, must hold many)."""
+    task_bytes: int = 1 << 18
+    """Text sent to a worker at once: a task closes at the first document that reaches this many characters.
+    ~256 KB: the hand-off costs per task, so tasks of short documents (TinyStories' ~800 bytes) must hold many;
+    smaller than 1 MB, so the last tasks leave a worker idle for less (on 20 MB, 4% faster than 1 MB tasks)."""
     progress: bool = True
     """Show a progress bar."""
 

@@ -145,8 +145,8 @@ def test_bench_data_compares_equal_work(data_cache):
 
     from data.corpus import load_shakespeare
 
-    result = run_tool("bench_data.py", "--repeat", 1, "--documents", 120, "--workers", 1, 2, "--cache_dir",
-                      data_cache, timeout=300)
+    result = run_tool("bench_data.py", "--repeat", 1, "--documents", 120, "--workers", 1, 2, "--rounds", 2,
+                      "--cache_dir", data_cache, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     [model] = data_cache.glob("*/tokenizer.model")
     processor = spm.SentencePieceProcessor(model_file=str(model))
