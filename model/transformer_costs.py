@@ -33,9 +33,9 @@ def transformer_layer_activation_bytes(m: ModelConfig, act_bytes: int, *, kv_hea
 
     Attention: RMSNorm (input, rstd) and its output (feeds wq, wk, wv once), q (d), k and v (2 kv), the SDPA output
     (d) and wo's input, a contiguous copy of the transposed output (d); an fp32 log-sum-exp per head.
-    kv = n_kv_heads * head_dim when SDPA receives grouped heads (FlashAttention's enable_gqa, bf16/fp16 on CUDA),
-    d when model/transformer.py repeats K/V heads first (every other kernel). The rotary embedding adds nothing:
-    model/rotary.py's op saves only the cos/sin tables (buffers), as does its eager reference, whose products each
+    kv = n_kv_heads * head_dim when SDPA receives grouped heads (enable_gqa: FlashAttention in bf16/fp16 on CUDA,
+    the CPU flash kernel), d when model/transformer.py repeats K/V heads first (other CUDA kernels). The rotary
+    embedding adds nothing: model/rotary.py's op saves only the cos/sin tables (buffers), as does its eager reference, whose products each
     have a table as the other operand; q and k above are the rotated tensors SDPA keeps.
     MLP: RMSNorm and its output, w1 x, silu(w1 x), w3 x and their product (4 ffn).
     Korthikanti et al. 2022's 34 sbh bytes (GPT, 2-byte, dropout masks, s^2 scores excluded) becomes here
@@ -50,8 +50,9 @@ def transformer_layer_activation_bytes(m: ModelConfig, act_bytes: int, *, kv_hea
 def layer_activation_bytes(m: ModelConfig, act_bytes: int, *, seq_len: int, on_cuda: bool = True,
                            fused_ssm_kernels: bool = True) -> int:
     """Bytes one block saves for backward per token (on_cuda: FlashAttention and torch's fused RMSNorm)."""
-    # FlashAttention takes grouped K/V heads only in bf16/fp16 (model/transformer.py _gqa_reaches_fused_kernel).
-    return transformer_layer_activation_bytes(m, act_bytes, kv_heads_repeated=act_bytes == 4 or not on_cuda,
+    # CUDA FlashAttention takes grouped K/V heads only in bf16/fp16; the CPU flash kernel in every dtype
+    # (model/transformer.py _gqa_reaches_fused_kernel).
+    return transformer_layer_activation_bytes(m, act_bytes, kv_heads_repeated=on_cuda and act_bytes == 4,
                                               fused_rmsnorm=on_cuda)
 
 
