@@ -54,6 +54,13 @@ def options(folder, tokenizer, **overrides):
     return PreprocessOptions(**{**settings, **overrides})
 
 
+def test_json_lines_longer_than_a_read_chunk_come_back_whole(tmp_path):
+    """JSON lines are parsed 1 MB at a time (data/sources.py): documents of several MB, between short ones, must
+    still come back whole and in order."""
+    documents = ["short", "word " * 700_000, "b c " * 5, "x" * 3_000_000, "last"]
+    assert list(iter_documents(resolve_source(str(write_jsonl(tmp_path / "big.jsonl", documents))))) == documents
+
+
 @pytest.mark.parametrize("kind", ["jsonl", "parquet", "txt_folder", "glob"])
 def test_local_files_become_megatron_shards(tmp_path, small_tokenizer, kind):
     documents = make_documents(120, seed=1, num_duplicates=7)
