@@ -37,6 +37,14 @@ def test_transformer_flops_match_flop_counter(fields, monkeypatch):
     assert counted == stated
 
 
+def _training_flops_by_op(model: torch.nn.Module, idx: torch.Tensor) -> dict[str, int]:
+    """FlopCounterMode's count per aten op of one forward and backward pass on idx (targets = idx)."""
+    with FlopCounterMode(display=False) as counter:
+        _, loss = model(idx, idx)
+        loss.backward()
+    return {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+
+
 @pytest.mark.parametrize("fields", [
     dict(ssm_type="mamba2", d_state=16, headdim=16, chunk_size=16),
     dict(ssm_type="mamba2", d_state=8, headdim=32, ngroups=2, chunk_size=8),
@@ -49,10 +57,7 @@ def test_mamba2_flops_match_flop_counter(fields):
     batch, seq_len = 2, 32
     idx = torch.randint(0, config.vocab_size, (batch, seq_len))
     model = create_model("mamba", config)
-    with FlopCounterMode(display=False) as counter:
-        _, loss = model(idx, idx)
-        loss.backward()
-    by_op = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    by_op = _training_flops_by_op(model, idx)
     assert set(by_op) == {"aten.mm", "aten.bmm", "aten.convolution", "aten.convolution_backward"}
     counted = by_op["aten.mm"] + by_op["aten.bmm"] + 3 * by_op["aten.convolution"]
     stated = family_costs("mamba").training_flops_per_token(config, seq_len) * batch * seq_len
@@ -87,10 +92,7 @@ def test_mamba1_flops_match_flop_counter_and_the_recurrence(fields):
     d_inner = config.expand * config.d_model
     idx = torch.randint(0, config.vocab_size, (batch, seq_len))
     model = create_model("mamba", config)
-    with FlopCounterMode(display=False) as counter:
-        _, loss = model(idx, idx)
-        loss.backward()
-    by_op = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    by_op = _training_flops_by_op(model, idx)
     assert set(by_op) == {"aten.mm", "aten.bmm", "aten.convolution", "aten.convolution_backward"}
     costs = family_costs("mamba")
     assert by_op["aten.mm"] == 6 * costs.matmul_parameters(config) * tokens
