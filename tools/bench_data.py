@@ -101,15 +101,26 @@ def tiny_training_rate(seq_len: int, micro_batch: int, steps: int = 4) -> float:
     return steps * micro_batch * seq_len / (time.perf_counter() - started)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse then prints a one-line usage error for anything else)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=4, help="copies of the corpus (more text, steadier rates)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, os.cpu_count() or 1])
-    parser.add_argument("--rounds", type=int, default=3, help="raw encode and pipelines measured in turn, this "
-                        "many times; medians are compared")
-    parser.add_argument("--documents", type=int, default=None, help="use only the first N documents (a quick check)")
+    parser.add_argument("--repeat", type=positive_int, default=4,
+                        help="copies of the corpus (more text, steadier rates)")
+    parser.add_argument("--workers", type=positive_int, nargs="+", default=[1, os.cpu_count() or 1])
+    parser.add_argument("--rounds", type=positive_int, default=3, help="raw encode and pipelines measured in turn, "
+                        "this many times; medians are compared")
+    parser.add_argument("--documents", type=positive_int, default=None,
+                        help="use only the first N documents (a quick check)")
     parser.add_argument("--cache_dir", default="./data_cache", help="where the embedded corpus' tokenizer lives")
     args = parser.parse_args(argv)
+    args.workers = sorted(set(args.workers))
 
     prepared = prepare_data(DataConfig(cache_dir=args.cache_dir), vocab_size=8192)
     tokenizer = Tokenizer(prepared.tokenizer_path)

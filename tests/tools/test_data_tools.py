@@ -155,3 +155,9 @@ def test_bench_data_compares_equal_work(data_cache):
         in result.stdout
     for label in ("per worker", "scaling 1 -> 2 workers", "loader / training"):
         assert label in result.stdout
+
+
+def test_bench_data_refuses_counts_below_one():
+    result = run_tool("bench_data.py", "--rounds", 0)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "argument --rounds: must be >= 1, got 0" in result.stderr
