@@ -25,11 +25,12 @@ if [ -z "$PY" ]; then
     if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 
-# The image-like environment: what the wheels need from the image, plus the image's packages the project's
-# imports touch (pyyaml, sentencepiece, safetensors, tensorboard), at the image's versions where read.
+# The image-like environment: what the wheels need from the image, plus the image's packages that the project's
+# requirement files name (sentencepiece, safetensors, tensorboard, pillow, pytest), at the image's versions where read.
 mapfile -t needs < <("$PY" tools/gpu_wheelhouse.py image-needs "$WHEELHOUSE")
 image_pin() { grep -E "^$1(==|$)" tools/gpu_image_packages.txt; }
-wanted=("${needs[@]}" "$(image_pin sentencepiece)" "$(image_pin safetensors)" "$(image_pin tokenizers)" tensorboard)
+wanted=("${needs[@]}")
+for name in sentencepiece safetensors tokenizers tensorboard pillow pytest; do wanted+=("$(image_pin "$name")"); done
 stamp="$VENV/.installed-$(printf '%s\n' "${wanted[@]}" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
     [ -x "$VENV/bin/python" ] || "$PY312" -m venv "$VENV"

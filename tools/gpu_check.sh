@@ -81,7 +81,9 @@ if [ -n "$WHEELHOUSE" ]; then
     run_part "install $(ls "$WHEELHOUSE"/*.whl | wc -l) wheels into $SITE" 90 6 install.txt \
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
         --target "$SITE" "$WHEELHOUSE"/*.whl
-    row "wheelhouse install" "$(status_of), ${TOOK} s, $(ls "$WHEELHOUSE"/*.whl | wc -l) wheels"
+    result="$(status_of), ${TOOK} s, $(ls "$WHEELHOUSE"/*.whl | wc -l) wheels"
+    [ "$CODE" = 0 ] || result="$result: $(grep -v '^WARNING' "$WORK/install.txt" | tail -1 | cut -c1-200)"
+    row "wheelhouse install" "$result"
     else row "wheelhouse install" "$NOT_WANTED (uses the $SITE left by an earlier call)"; fi
     export PYTHONPATH="$PWD/$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
@@ -110,7 +112,7 @@ fi
 
 # 200 s cap: the rotary tests' cold Inductor compiles (four graphs; ~25 s on the CPU here) come first.
 if want tests; then
-    run_part "1/3 GPU parity tests (pytest -m gpu)" 200 $((${#PRESETS[@]} + 1)) pytest_gpu.txt \
+    run_part "GPU parity tests (pytest -m gpu)" 200 $((${#PRESETS[@]} + 1)) pytest_gpu.txt \
         "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
     tail -25 "$WORK/pytest_gpu.txt"
     row "pytest -m gpu" "$(tail -1 "$WORK/pytest_gpu.txt" | cut -c1-160) ($(status_of), ${TOOK} s)"
@@ -133,7 +135,6 @@ throughput_row() {  # throughput_row PRESET PARTS_AFTER [extra throughput.py arg
     fi
     row "throughput $preset" "$line"
 }
-echo "== 2/3 throughput, MFU and peak memory vs the plan (sequence $SEQ)"
 n=${#PRESETS[@]}
 for preset in "${PRESETS[@]}"; do
     n=$((n - 1))
@@ -145,14 +146,13 @@ quickstart() {  # quickstart NAME LOG [extra --set KEY=VALUE ...]
     run_part "$name" 120 "${AFTER:-0}" "$log" \
         "$PY" launcher/run.py --preset tiny --set training.max_steps=20 --set training.eval_interval=20 \
         --set training.save_interval=20 --set training.warmup_steps=2 --set training.sample_tokens=20 \
-        --set training.output_dir="$WORK/$name/outputs" --set training.checkpoint_dir="$WORK/$name/checkpoints" "$@"
+        --set training.output_dir="$WORK/${log%.txt}/outputs" --set training.checkpoint_dir="$WORK/${log%.txt}/checkpoints" "$@"
     tail -8 "$WORK/$log"
     local device_line; device_line=$(grep -m1 -i "cuda\|gpu" "$WORK/$log" | cut -c1-100)
     QUICK="$(status_of), ${TOOK} s; ${device_line:-no device line found}"
 }
-echo "== 3/3 quick start on the GPU: launcher/run.py --preset tiny (20 steps)"
 if want quickstart; then
-    AFTER=0 quickstart quickstart quickstart.txt
+    AFTER=0 quickstart "quick start on the GPU: launcher/run.py --preset tiny (20 steps)" quickstart.txt
     row "quick start tiny on GPU" "$QUICK"
 else
     row "quick start tiny on GPU" "$NOT_WANTED"
@@ -189,7 +189,7 @@ if ! want features; then
 elif [ "$(limit 60 0)" -lt 10 ]; then
     row "quick start tiny, Muon" "skipped (budget)"
 elif timeout 60 "$PY" launcher/run.py --preset tiny --set "$MUON_SET" --dry_run > "$WORK/muon_dry_run.txt" 2>&1; then
-    AFTER=0 quickstart quickstart_muon quickstart_muon.txt --set "$MUON_SET"
+    AFTER=0 quickstart "quick start with Muon" quickstart_muon.txt --set "$MUON_SET"
     row "quick start tiny, Muon" "$QUICK"
 else
     row "quick start tiny, Muon" "skipped: this checkout's config refuses $MUON_SET ($(grep -m1 '^error' "$WORK/muon_dry_run.txt" | cut -c1-100))"

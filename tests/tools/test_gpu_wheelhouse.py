@@ -26,14 +26,18 @@ IMAGE_PYTHON = REPO_ROOT / ".venv-image312" / "bin" / "python"
 
 
 def make_wheel(folder: Path, name: str, version: str, requires: list[str] = (), tag: str = "py3-none-any") -> Path:
-    """A minimal wheel: only what the resolver reads (file name and METADATA)."""
+    """A minimal wheel that pip installs: METADATA (what the resolver reads), WHEEL, RECORD and one module."""
     dist = f"{name.replace('-', '_')}-{version}"
     path = folder / f"{dist}-{tag}.whl"
     metadata = [f"Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
     metadata += [f"Requires-Dist: {line}" for line in requires]
+    files = {f"{dist}.dist-info/METADATA": "\n".join(metadata) + "\n",
+             f"{dist}.dist-info/WHEEL": f"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: {tag}\n",
+             f"{name.replace('-', '_')}/__init__.py": ""}
+    files[f"{dist}.dist-info/RECORD"] = "".join(f"{item},,\n" for item in [*files, f"{dist}.dist-info/RECORD"])
     with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr(f"{dist}.dist-info/METADATA", "\n".join(metadata) + "\n")
-        archive.writestr(f"{name.replace('-', '_')}/__init__.py", "")
+        for item, text in files.items():
+            archive.writestr(item, text)
     return path
 
 
@@ -204,6 +208,7 @@ def test_gpu_check_refuses_an_empty_wheelhouse_and_unknown_arguments(tmp_path):
     assert done.returncode == 2 and "unknown argument --wheelhous" in done.stderr
 
 
+@pytest.mark.slow  # ~25-45 s on two busy cores: torch imports and a pip install in subprocesses
 def test_gpu_check_installs_the_wheelhouse_and_writes_one_table_under_out(tmp_path, house):
     """A CPU rehearsal (--cpu) of the install alone (GPU_CHECK_PARTS): the wheel lands in DIR/site, the table still
     names every part, and lands under $OUT with the logs."""
