@@ -13,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${TORCH211_VENV:-.venv-torch211}
+case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac
 TORCH_PIN="torch==2.11.0"
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || {
@@ -39,5 +40,5 @@ fi
   echo "error: $VENV holds another torch; remove $VENV and run again" >&2; exit 1; }
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # JIT-built DeepSpeed ops (cpu_adam) are built against one torch: keep this torch's builds apart from .venv's.
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/$VENV/torch_extensions}
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}
 exec nice -n 10 "$VENV/bin/python" -m pytest tests -m 'not slow' -p no:cacheprovider "$@"

@@ -39,7 +39,6 @@ if [ ! -f "$stamp" ]; then
     rm -f "$VENV"/.installed-*
     touch "$stamp"
 fi
-# Where pip pulled in more than the image holds, the environment is roomier than the image: say which.
 extra=$("$VENV/bin/python" -m pip list --format=freeze 2>/dev/null | cut -d= -f1 | "$PY" -c '
 import sys
 sys.path.insert(0, "tools")
@@ -47,7 +46,12 @@ from gpu_wheelhouse import read_image_packages
 from packaging.utils import canonicalize_name
 image = read_image_packages()
 print(" ".join(sorted(n for n in (canonicalize_name(l.strip()) for l in sys.stdin) if n and n not in image)))')
-echo "packages in $VENV that the image list lacks (pulled in by pip): ${extra:-none}"
+# Where pip pulled in more than the image lists (a newer typer needs pydantic, python-dateutil tzdata), take it out
+# again: the imports below must come from the image's packages and the wheelhouse alone.
+if [ -n "$extra" ]; then
+    echo "removing what pip pulled in beyond the image list: $extra"
+    "$VENV/bin/python" -m pip uninstall -q -y $extra
+fi
 
 site=$(mktemp -d)
 trap 'rm -rf "$site"' EXIT

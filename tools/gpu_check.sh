@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one run, for one GPU, in under 8 minutes (GPU_CHECK_BUDGET_S, default 450 s,
 # shared out among the parts; each part also has its own limit):
-#   0. with --wheelhouse DIR: install DIR/*.whl (tools/gpu_wheelhouse.sh built them) with
-#      `pip --no-index --no-deps --target DIR/site` on top of the machine's own torch, and import what the check needs,
+#   0. with --wheelhouse DIR: install DIR/*.whl (tools/gpu_wheelhouse.sh built them) with `pip --no-index --no-deps
+#      --target /tmp/gpu_check_site` (GPU_CHECK_SITE) on top of the machine's own torch, and import what the check needs,
 #   1. the GPU parity tests (pytest -m gpu: fused kernels against their references),
 #   2. throughput, MFU and peak memory against the memory plan for test_small, 1b_transformer and 1b_mamba
 #      (tools/throughput.py: short runs, the plan's micro-batch, sequence 2048, next to a plain PyTorch loop and
@@ -75,7 +75,8 @@ status_of() {  # a short word for CODE
 if [ -n "$WHEELHOUSE" ]; then
     ls "$WHEELHOUSE"/*.whl > /dev/null 2>&1 || {
         echo "error: --wheelhouse $WHEELHOUSE holds no wheels; build it here with: bash tools/gpu_wheelhouse.sh" >&2; exit 2; }
-    SITE="$WHEELHOUSE/site"
+    # Outside the repository: a site left in the checkout would travel with the next device call (64 MiB limit).
+    SITE=${GPU_CHECK_SITE:-${TMPDIR:-/tmp}/gpu_check_site}
     if want install; then
     rm -rf "$SITE"
     run_part "install $(ls "$WHEELHOUSE"/*.whl | wc -l) wheels into $SITE" 90 6 install.txt \
@@ -85,7 +86,7 @@ if [ -n "$WHEELHOUSE" ]; then
     [ "$CODE" = 0 ] || result="$result: $(grep -v '^WARNING' "$WORK/install.txt" | tail -1 | cut -c1-200)"
     row "wheelhouse install" "$result"
     else row "wheelhouse install" "$NOT_WANTED (uses the $SITE left by an earlier call)"; fi
-    export PYTHONPATH="$PWD/$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
 if [ "$ALLOW_CPU" = 0 ] && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then

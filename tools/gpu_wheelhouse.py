@@ -171,7 +171,7 @@ def check_wheelhouse(folder: Path, image: dict[str, Version | None]) -> Report:
 
 # What the GPU check imports from the wheelhouse, each as (module, what a failure means). mamba_ssm's package
 # __init__ needs the nvcc-built selective_scan_cuda, absent by design (MAMBA_SKIP_CUDA_BUILD): the project imports its
-# Triton kernels without it (model/ssm_ops.py), and so does this check.
+# Triton kernels without it (model/mamba/ssm_ops.py), and so does this check.
 NEEDED_IMPORTS = ("pydantic", "hjson", "deepspeed", "datasets")
 MAMBA_TRITON_MODULES = ("mamba_ssm.ops.triton.ssd_combined", "mamba_ssm.ops.triton.layernorm_gated",
                         "mamba_ssm.ops.triton.selective_state_update")
@@ -189,8 +189,8 @@ def check_imports() -> list[str]:
             lines.append(f"FAIL {module}: {type(error).__name__}: {error}")
     # The project's own imports (repo root on sys.path): the corpus reader and the Mamba kernel loader.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from data.corpus import shakespeare_text_files
-    from model.ssm_ops import _import_kernel
+    from data.corpora.embedded import shakespeare_text_files
+    from model.mamba.ssm_ops import _import_kernel
 
     try:
         lines.append(f"ok   corpus shakespeare: {len(shakespeare_text_files())} texts")

@@ -210,13 +210,14 @@ def test_gpu_check_refuses_an_empty_wheelhouse_and_unknown_arguments(tmp_path):
 
 @pytest.mark.slow  # ~25-45 s on two busy cores: torch imports and a pip install in subprocesses
 def test_gpu_check_installs_the_wheelhouse_and_writes_one_table_under_out(tmp_path, house):
-    """A CPU rehearsal (--cpu) of the install alone (GPU_CHECK_PARTS): the wheel lands in DIR/site, the table still
-    names every part, and lands under $OUT with the logs."""
+    """A CPU rehearsal (--cpu) of the install alone (GPU_CHECK_PARTS): the wheel lands in the site folder, the table
+    still names every part, and lands under $OUT with the logs."""
     make_wheel(house, "fabricated-probe", "1.0")
-    done = run_gpu_check("--wheelhouse", str(house), "--cpu", tmp_path=tmp_path, GPU_CHECK_PARTS="install")
+    done = run_gpu_check("--wheelhouse", str(house), "--cpu", tmp_path=tmp_path, GPU_CHECK_PARTS="install",
+                         GPU_CHECK_SITE=str(tmp_path / "site"))
     assert done.returncode == 0, done.stdout + done.stderr
     table = (tmp_path / "out" / "gpu_check.md").read_text()
-    assert (house / "site" / "fabricated_probe" / "__init__.py").exists()
+    assert (tmp_path / "site" / "fabricated_probe" / "__init__.py").exists()
     rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows == ["check", "wheelhouse install", "wheelhouse imports", "pytest -m gpu", "throughput test_small",
                     "throughput 1b_transformer", "throughput 1b_mamba", "quick start tiny on GPU",
