@@ -3,6 +3,7 @@
     python tools/local_nodes.py --nodes 2 -- --preset tiny --set training.max_steps=20
     python tools/local_nodes.py --nodes 2 --ranks_per_node 2 --form run.py -- --preset tiny
     python tools/local_nodes.py --nodes 2 --node_dirs -- --preset tiny     # a checkpoint folder per node
+    python tools/local_nodes.py --nodes 2 --ranks_per_node 2 --script tools/gpu_report.py   # inter-node bandwidth
 
 Everything after `--` goes to launcher/run.py on every node. Each node is
 `deepspeed --hostfile H --no_ssh --node_rank R --master_addr 127.0.0.1 --master_port P launcher/run.py ARGS`
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node_dirs", action="store_true",
                         help="run node R in WORKDIR/node<R>: relative paths (checkpoints, outputs) become per-node "
                              "folders, like node-local disks")
+    parser.add_argument("--script", help="what each rank runs instead of launcher/run.py, e.g. tools/gpu_report.py")
     parser.add_argument("--timeout", type=float, default=24 * 3600, help="kill everything after this many seconds")
     args = parser.parse_args(own)
     for name in ("nodes", "ranks_per_node"):
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     node_dirs = [workdir / f"node{r}" for r in range(args.nodes)] if args.node_dirs else None
     nodes = start_local_nodes(run_args, num_nodes=args.nodes, ranks_per_node=args.ranks_per_node,
                               master_port=args.master_port or free_port(), workdir=workdir, form=args.form,
-                              node_dirs=node_dirs)
+                              node_dirs=node_dirs, script=args.script)
     print(f"started {args.nodes} node(s) x {args.ranks_per_node} rank(s), hostfile {nodes.hostfile}; logs in "
           f"{workdir}/node<R>.out and .err", flush=True)
     for signum in (signal.SIGINT, signal.SIGTERM):
