@@ -228,12 +228,16 @@ def multinode_runner_args(args, nodes: NodeLayout, num_gpus: int) -> tuple[list[
 
     Without --hostfile (Slurm) the hostfile is written from the node names to a file of this node's temporary
     folder: nodes write nothing shared."""
+    import hashlib
     import tempfile
 
     hostfile = args.hostfile
-    if not hostfile:
-        folder = Path(tempfile.mkdtemp(prefix="rag_hostfile_"))
-        hostfile = str(write_hostfile(folder / "hostfile", list(nodes.hosts), num_gpus))
+    if not hostfile:  # named by its content: a relaunch of the same job rewrites the same small file
+        key = hashlib.sha1(f"{nodes.hosts} {num_gpus}".encode()).hexdigest()[:12]
+        path = Path(tempfile.gettempdir()) / f"rag_hostfile_{os.getuid()}_{key}"
+        temp = path.with_name(f".{path.name}.{os.getpid()}")
+        write_hostfile(temp, list(nodes.hosts), num_gpus)
+        hostfile = str(temp.replace(path))
     return (["--hostfile", hostfile, "--no_ssh", "--node_rank", str(nodes.node_rank),
              "--master_addr", args.master_addr or nodes.master_addr],
             args.master_port or nodes.master_port)
