@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.checkpoint_commit import MANIFEST, damage_of
+from engine.checkpoint.commit import MANIFEST, damage_of
 from launcher.local_nodes import start_local_nodes
 from tests.conftest import EXTENSIONS_DIR, free_port, run_two_ranks
 from tests.engine import rank_equivalence

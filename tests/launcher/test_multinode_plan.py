@@ -65,7 +65,7 @@ def test_the_7b_plan_on_four_nodes_of_eight_h100s_is_pinned(dry_run, four_nodes)
     assert (zero["stage"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"],
             ds["train_batch_size"]) == (2, 2, 16, 1024)
     assert "zero_hpz_partition_size" not in zero and "offload_optimizer" not in zero
-    # Bytes each node sends per step (launcher/internode.py's table), worked out here from torch's parameter count:
+    # Bytes each node sends per step (launcher/planning/internode.py's table), worked out here from torch's parameter count:
     # bf16 weights, 3 of 4 shards held by other nodes; ZeRO-2 (16 + 1) rounds, ZeRO-3 3 x 16.
     weights = seven_b_params() * 2
     zero2, zero3 = 17 * weights * 3 / 4, 48 * weights * 3 / 4
