@@ -185,9 +185,9 @@ def job_nodes(args, num_gpus: int, *, launched: bool, environ: Mapping[str, str]
     """The nodes of the job launcher/run.py is part of (`args`: its parsed command line).
 
     Under a launcher the ranks learn the node count from DeepSpeed's CROSS_SIZE (deepspeed/launcher/launch.py) or
-    torchrun's WORLD_SIZE / LOCAL_WORLD_SIZE; before it, from --hostfile or Slurm. With --node_rank (or under
-    Slurm's srun, SLURM_NODEID) this command is one node of a job whose nodes each start their own ranks: every
-    node must name the same first node and port."""
+    torchrun's WORLD_SIZE / LOCAL_WORLD_SIZE; before it, from --hostfile or Slurm. With --node_rank (under Slurm:
+    --node_rank $SLURM_NODEID) this command is one node of a job whose nodes each start their own ranks: every node
+    must name the same first node and port."""
     environ = os.environ if environ is None else environ
     bandwidth = parse_bandwidth(args.internode_bandwidth) if args.internode_bandwidth else None
     if launched:
@@ -208,12 +208,10 @@ def job_nodes(args, num_gpus: int, *, launched: bool, environ: Mapping[str, str]
                         "--ntasks-per-node=1 python launcher/run.py ... --node_rank $SLURM_NODEID` "
                         "(examples/multinode.sbatch, docs/multinode.md), or give --hostfile to start every node "
                         "from here over ssh")
+    if args.node_rank is not None and not 0 <= args.node_rank < layout.num_nodes:
+        raise NodeError(f"--node_rank {args.node_rank} is not a node of {layout.source}: give 0 to "
+                        f"{layout.num_nodes - 1}")
     layout = replace(layout, node_rank=args.node_rank)  # SLURM_NODEID only counts where --node_rank passes it
-    if args.node_rank is not None:
-        if not 0 <= args.node_rank < layout.num_nodes:
-            raise NodeError(f"--node_rank {args.node_rank} is not a node of {layout.source}: give 0 to "
-                            f"{layout.num_nodes - 1}")
-        layout = replace(layout, node_rank=args.node_rank)
     if layout.node_rank is not None and layout.num_nodes > 1 and not args.dry_run:
         if not (args.master_addr or layout.master_addr):
             raise NodeError("--master_addr is required with --node_rank: give the address of the first node of the "
