@@ -84,4 +84,9 @@ def apply_rotary_fused(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Same values and gradient of x as `apply_rotary`; the tables get no gradient (they are never trained)."""
     if cos.requires_grad or sin.requires_grad:
         raise ValueError("apply_rotary_fused gives the cos/sin tables no gradient; use apply_rotary")
+    if torch.compiler.is_compiling():
+        # An enclosing torch.compile (training.compile_blocks) traces the plain rotation and fuses it itself. Traced,
+        # this Function gave wrong gradients on torch 2.11 (the GPU machine's) for a transposed q/k view: a weight
+        # gradient off by ~15 under aot_eager on CPU, 2026-12-06; torch 2.13 traced it right. tests/model/test_rotary.py
+        return rotate(x, cos, sin)
     return _Rotary.apply(x, cos, sin)

@@ -132,3 +132,31 @@ def test_compiled_rotation_matches_reference_on_gpu():
     _check_compiled_against_reference("cuda")
     tables = {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
     assert {t.untyped_storage().data_ptr() for t in _saved_tensors(apply_rotary_fused, x, cos, sin)} <= tables
+
+
+def test_rotation_inside_a_compiled_graph_matches_the_reference_through_a_transposed_view():
+    """training.compile_blocks traces the rotation inside each block's graph, where q and k are transposed views of a
+    projection. torch 2.11 (the GPU machine's) traced the autograd Function wrongly there: the projection's weight
+    gradient was off by ~15, so inside a graph the plain rotation is traced instead. aot_eager: no C++ build."""
+    torch.manual_seed(0)
+    batch, length, heads, dim = 2, 16, 4, 8
+    angles = torch.rand(length, dim // 2)
+    cos, sin = angles.cos(), angles.sin()
+    x, weight = torch.randn(batch, length, 32), torch.randn(32, heads * dim)
+    grad_out = torch.randn(batch, heads, length, dim)
+
+    def project_and_rotate(w, rotate_fn):
+        return rotate_fn((x @ w).view(batch, length, heads, dim).transpose(1, 2), cos, sin)  # (B, H, T, D)
+
+    results = []
+    for fn in (project_and_rotate, torch.compile(project_and_rotate, backend="aot_eager")):
+        for rotate_fn in (apply_rotary, apply_rotary_fused):
+            w = weight.clone().requires_grad_()
+            out = fn(w, rotate_fn)
+            out.backward(grad_out)
+            results.append((out.detach(), w.grad))
+    torch._dynamo.reset()
+    reference = results[0]
+    for out, grad in results[1:]:
+        torch.testing.assert_close(out, reference[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, reference[1], rtol=1e-5, atol=1e-5)
