@@ -8,7 +8,8 @@ pinned here:
   the export writes partial_rotary_factor 1.0 into rope_parameters and the import refuses any other value;
 - `time_step_limit`: our SSD scan does not clamp dt, so only (0, inf), Bamba's default, maps;
 - `mamba_proj_bias` False, `mamba_conv_bias` True, `attention_bias` / `mlp_bias` False, `hidden_act` silu;
-- `pad_token_id` None: Bamba's embedding otherwise takes padding_idx 0, which freezes that row's gradient.
+- `pad_token_id`: Bamba's embedding takes it as padding_idx (0 by default), which freezes that row's gradient;
+  the exporter and the throughput peer set it to None.
 transformers itself is not imported here.
 """
 from __future__ import annotations
@@ -73,7 +74,7 @@ def transformers_config_kwargs(config: ModelConfig) -> dict[str, Any]:
                 mamba_chunk_size=config.chunk_size, mamba_conv_bias=True, mamba_proj_bias=False,
                 time_step_limit=(0.0, float("inf")), attention_bias=False, mlp_bias=False,
                 rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta, "partial_rotary_factor": 1.0},
-                tie_word_embeddings=config.tie_embeddings, initializer_range=config.init_std, pad_token_id=None)
+                tie_word_embeddings=config.tie_embeddings, initializer_range=config.init_std)
 
 
 def _float(x: Any) -> float:

@@ -212,6 +212,9 @@ ACTIVATION_CASES = [
     ("mamba", dict(ssm_type="mamba2", d_model=64, n_layers=2, d_state=16, headdim=16, ngroups=2, chunk_size=32),
      100),
     ("mamba", dict(ssm_type="mamba1", d_model=64, n_layers=2, d_state=16), 64),
+    # Both of the hybrid's layer kinds; each is measured against its own stated bytes.
+    ("hybrid", dict(layer_pattern="MA", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=160, d_state=16,
+                    headdim=16, ngroups=2, chunk_size=32), 100),
 ]
 
 
@@ -224,6 +227,16 @@ def test_layer_activations_match_the_tensors_autograd_saves(model_type, fields, 
     model = create_model(model_type, config).to(dtype)
     batch = 2
     x = torch.randn(batch, seq_len, config.d_model, requires_grad=True)
+    act_bytes = DTYPE_BYTES["fp32" if dtype == torch.float32 else "bf16"]
+    if model_type == "hybrid":  # every layer against its own kind's bytes
+        x = x.to(dtype)
+        cos, sin = model.rope.cos[:seq_len], model.rope.sin[:seq_len]
+        stated = model_sizes.activation_bytes_per_layer(config, act_bytes, seq_len=seq_len, on_cuda=False)
+        assert len(set(stated)) == 2
+        for block, per_token in zip(model.layers, stated):
+            measured = _saved_bytes(model, lambda: block(x, cos, sin))
+            assert measured == pytest.approx(batch * seq_len * per_token, rel=0.01), block.kind
+        return
     if model_type == "transformer":
         block = model.layers[0]
         x = x.to(dtype)
@@ -232,7 +245,6 @@ def test_layer_activations_match_the_tensors_autograd_saves(model_type, fields, 
     else:
         block = model.backbone.layers[0]
         measured = _saved_bytes(model, lambda: block(x))  # Mamba's residual stream is fp32
-    act_bytes = DTYPE_BYTES["fp32" if dtype == torch.float32 else "bf16"]
     predicted = batch * seq_len * model_sizes.layer_activation_bytes(config, act_bytes, seq_len=seq_len,
                                                                      on_cuda=False)
     assert measured == pytest.approx(predicted, rel=0.01)
@@ -256,6 +268,8 @@ def test_whole_model_activations_match_saved_tensors(native_linear):
 CHECKPOINTING_CASES = [
     ("transformer", dict(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=160)),
     ("mamba", dict(ssm_type="mamba2", d_model=64, n_layers=4, d_state=16, headdim=16, ngroups=2, chunk_size=32)),
+    ("hybrid", dict(layer_pattern="MAMM", d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=160,
+                    d_state=16, headdim=16, ngroups=2, chunk_size=32)),
 ]
 
 
@@ -267,14 +281,14 @@ def test_checkpointed_blocks_keep_their_inputs_and_the_others_their_activations(
     torch.manual_seed(0)
     model = create_model(model_type, config).train()
     idx = torch.randint(0, 256, (2, 64))
-    per_layer = model_sizes.layer_activation_bytes(config, 4, seq_len=64, on_cuda=False)
+    per_layer = model_sizes.activation_bytes_per_layer(config, 4, seq_len=64, on_cuda=False)
     block_input = model_sizes.layer_input_bytes(config, 4)
     head = model_sizes.head_activation_bytes(config, 4, on_cuda=False) + 4 * config.vocab_size  # + fp32 log-softmax
     measured = []
     for blocks in range(5):
         model.num_checkpointed_blocks = blocks
         measured.append(_saved_bytes(model, lambda: model(idx, idx)))
-        predicted = 2 * 64 * (blocks * block_input + (4 - blocks) * per_layer + head)
+        predicted = 2 * 64 * (blocks * block_input + sum(per_layer[blocks:]) + head)
         assert measured[-1] == pytest.approx(predicted, rel=0.01), blocks
     assert measured == sorted(measured, reverse=True) and measured[4] < measured[0] / 5
 
