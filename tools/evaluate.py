@@ -121,7 +121,8 @@ def evaluate(args: argparse.Namespace) -> dict:
                                    "`python tools/benchmark.py --datasets-only` on a machine with internet")
         report["sampling"] = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                               "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-                              "decoding": "KV cache" if config.model_type == "transformer" else "recurrent state"}
+                              "decoding": {"transformer": "KV cache", "hybrid": "KV cache + recurrent state"}.get(
+                                  config.model_type, "recurrent state")}
         report["samples"] = []
         for prompt in args.prompts or DEFAULT_PROMPTS:
             # Documents in the shards end with eos and none starts with bos: eos is what precedes a document.

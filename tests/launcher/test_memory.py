@@ -55,6 +55,19 @@ def test_mamba_parameter_shapes_match_the_model(fields):
     assert model_sizes.count_parameters(config) == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("preset", ["tiny_hybrid", "1b_hybrid", "7b_hybrid"])
+def test_hybrid_parameter_counts_match_transformers_bamba(preset):
+    """The hybrid presets, built by transformers as BambaForCausalLM on the meta device: the same parameter count
+    (an independent reading of every shape: Mamba heads, groups, conv, GQA, SwiGLU, tied or untied head)."""
+    transformers = pytest.importorskip("transformers")
+    from model.hybrid.hf import transformers_config_kwargs
+
+    config = build_run_config(preset=preset).model
+    with torch.device("meta"):
+        bamba = transformers.BambaForCausalLM(transformers.BambaConfig(**transformers_config_kwargs(config)))
+    assert model_sizes.count_parameters(config) == sum(p.numel() for p in bamba.parameters())
+
+
 def test_preset_parameter_counts_match_their_published_sizes():
     # TinyLlama 1.10B (arXiv:2401.02385), LLaMA-2-7B 6.74B (HF config), mamba2-1.3b ~1.34B with its 50k vocab.
     counts = {name: model_sizes.count_parameters(build_run_config(preset=name).model) for name in PRESETS}
@@ -62,6 +75,9 @@ def test_preset_parameter_counts_match_their_published_sizes():
     assert counts["7b_transformer"] == 6_738_415_616
     assert counts["1b_mamba"] > 1.2e9 and counts["1b_mamba"] < 1.4e9
     assert counts["7b_mamba"] > 6.5e9 and counts["7b_mamba"] < 7.5e9
+    # Bamba-9B's shape with its own 128,256-token vocabulary: 9.78B, its published size.
+    bamba_9b = build_run_config(preset="7b_hybrid").model.model_copy(update={"vocab_size": 128256})
+    assert round(model_sizes.count_parameters(bamba_9b) / 1e9, 2) == 9.78
 
 
 # ---- DeepSpeed's own estimators ----------------------------------------------------------------------------------
@@ -80,7 +96,8 @@ def _deepspeed_estimates(total: int, largest: int, world_size: int, offload: str
     return cpu, gpu
 
 
-@pytest.mark.parametrize("preset", ["test_small", "1b_transformer", "7b_transformer", "1b_mamba", "7b_mamba"])
+@pytest.mark.parametrize("preset", ["test_small", "1b_transformer", "7b_transformer", "1b_mamba", "7b_mamba",
+                                    "7b_hybrid"])
 @pytest.mark.parametrize("world_size", [1, 2, 4, 8])
 @pytest.mark.parametrize("stage,offload", [(2, "none"), (2, "optimizer"), (3, "none"), (3, "optimizer"),
                                            (3, "optimizer+params")])
