@@ -48,7 +48,7 @@ def test_meta_build_costs_no_memory_and_matches_shapes():
     assert {n: p.shape for n, p in meta.named_parameters()} == {n: p.shape for n, p in real.named_parameters()}
 
 
-@pytest.mark.parametrize("fields", [TINY, TINY_MAMBA, TINY_HYBRID], ids=["transformer", "mamba", "hybrid"])
+@pytest.mark.parametrize("fields", [TINY, TINY_MAMBA], ids=["transformer", "mamba"])  # hybrid: their blocks, 34 s
 def test_compiled_blocks_match_eager(fields):
     """Each block compiled in place; aot_eager traces and replays the graphs without needing a C++ toolchain."""
     config = ModelConfig(**fields)
