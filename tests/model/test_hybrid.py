@@ -226,3 +226,35 @@ def test_hybrid_built_under_zero3_init_trains(process_group):
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
     engine.destroy()
+
+
+# ---- CUDA: mamba-ssm's fused Mamba-2 kernels and FlashAttention in one model (skipped without a GPU) -----------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_fused_mamba_and_flash_attention_in_one_model_match_the_cpu_reference():
+    """bf16 on CUDA, the Mamba layers through mamba_split_conv1d_scan_combined and the attention layer through
+    FlashAttention only, against the same weights in fp32 on the CPU reference kernels: loss and gradients."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from model.registry import create_model_on
+    from model.ssm_ops import fused_kernel, fused_ops_report
+
+    if fused_kernel("mamba_split_conv1d_scan_combined") is None:
+        pytest.fail(f"CUDA is available but the fused Mamba-2 kernel is not: "
+                    f"{fused_ops_report()['mamba_split_conv1d_scan_combined']}")
+    fields = dict(vocab_size=512, d_model=256, n_layers=4, layer_pattern="MMAM", n_heads=4, n_kv_heads=2,
+                  ffn_hidden=512, d_state=64, headdim=64, chunk_size=64, max_seq_len=512)
+    reference = make_model(**fields).train()
+    fast = create_model_on("hybrid", reference.config, device="cuda", dtype=torch.bfloat16).train()
+    fast.load_state_dict(reference.state_dict())
+    idx = torch.randint(0, 512, (2, 256))
+    expected = reference(idx, idx)[1]
+    expected.backward()
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # fails rather than falls back if FlashAttention cannot run
+        loss = fast(idx.cuda(), idx.cuda())[1]
+        loss.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=2e-2)
+    for (name, p), q in zip(reference.named_parameters(), fast.parameters()):
+        error = (q.grad.float().cpu() - p.grad).norm() / p.grad.norm().clamp_min(1e-12)
+        assert error < 0.1, name
