@@ -1,8 +1,8 @@
 """What a hybrid LM costs per token: the bytes its layers save for backward and its training FLOPs.
 
 Each layer is counted as what it is, from the family that owns its kernels: an attention layer exactly as a
-Transformer block (model/transformer_costs.py: the same CausalSelfAttention, SwiGLU and nn.RMSNorm), a Mamba layer
-as model/mamba_costs.py counts the Mamba-2 mixer's own tensors (fused mamba-ssm kernels or the PyTorch SSD) plus the
+Transformer block (model/transformer/costs.py: the same CausalSelfAttention, SwiGLU and nn.RMSNorm), a Mamba layer
+as model/mamba/costs.py counts the Mamba-2 mixer's own tensors (fused mamba-ssm kernels or the PyTorch SSD) plus the
 pre-norm and the SwiGLU MLP that follows it here. The layers differ, so the memory plan asks for the bytes of each
 (`activation_bytes_per_layer`); `layer_activation_bytes` is the largest, the size of the backward workspace and of
 a recomputed block. tests/launcher/test_memory.py checks the bytes against the tensors autograd saves,
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from model.config import ModelConfig
 from model.hybrid.config import ATTENTION, layer_kinds
-from model.mamba_costs import mamba2_mixer_saved_bytes, mamba_dims, scan_forward_flops_per_token
-from model.transformer_costs import INDEX_BYTES, rmsnorm_saved_bytes, transformer_layer_activation_bytes
+from model.mamba.costs import mamba2_mixer_saved_bytes, mamba_dims, scan_forward_flops_per_token
+from model.transformer.costs import INDEX_BYTES, rmsnorm_saved_bytes, transformer_layer_activation_bytes
 
 
 def _attention_layer_bytes(m: ModelConfig, act_bytes: int, on_cuda: bool) -> int:
@@ -72,7 +72,7 @@ def matmul_parameters(m: ModelConfig) -> int:
 def training_flops_per_token(m: ModelConfig, seq_len: int) -> int:
     """Model FLOPs of one training token (forward + backward, 3x forward): 6 per matmul weight, plus each attention
     layer's scores and their product with V over the full T x T square (PaLM's 12 H Q T, as
-    model/transformer_costs.py) and each Mamba layer's conv and SSD chunk matmuls (model/mamba_costs.py).
+    model/transformer/costs.py) and each Mamba layer's conv and SSD chunk matmuls (model/mamba/costs.py).
     Recomputation is not counted (MFU, not HFU)."""
     kinds = layer_kinds(m)
     num_attention = kinds.count(ATTENTION)

@@ -4,7 +4,7 @@ Same layers (pre-norm RMSNorm, Mamba-2 with mamba-ssm's parameter layout, groupe
 rotary embeddings, a SwiGLU MLP after every mixer, no biases), so the mapping is names only. Bamba's traps, each
 pinned here:
 - rotary embeddings: BambaConfig forces `partial_rotary_factor` 0.5 (rotate half of each head) unless
-  `rope_parameters` carries its own; this project's attention (model/transformer.py) rotates the whole head, so
+  `rope_parameters` carries its own; this project's attention (model/transformer/model.py) rotates the whole head, so
   the export writes partial_rotary_factor 1.0 into rope_parameters and the import refuses any other value;
 - `time_step_limit`: our SSD scan does not clamp dt, so only (0, inf), Bamba's default, maps;
 - `mamba_proj_bias` False, `mamba_conv_bias` True, `attention_bias` / `mlp_bias` False, `hidden_act` silu;

@@ -4,9 +4,9 @@ The layout of transformers' BambaForCausalLM (IBM's Bamba, the same block as Gra
 after every mixer, Nemotron-H): a layer is x + mixer(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)), the mixer a Mamba-2
 SSD (Dao & Gu 2024, arXiv:2405.21060) or causal self-attention with rotary embeddings, chosen per layer by
 `model.layer_pattern` (model/hybrid/config.py). Every piece is another family's class, reused unchanged:
-    Mamba2Mixer           model/mamba_mixers.py (its fused mamba-ssm kernels on CUDA, the PyTorch SSD on CPU)
-    CausalSelfAttention   model/transformer.py  (SDPA: FlashAttention on CUDA), RotaryEmbedding's tables
-    SwiGLU, RMSNorm       model/transformer.py, torch.nn
+    Mamba2Mixer           model/mamba/mixers.py (its fused mamba-ssm kernels on CUDA, the PyTorch SSD on CPU)
+    CausalSelfAttention   model/transformer/model.py  (SDPA: FlashAttention on CUDA), RotaryEmbedding's tables
+    SwiGLU, RMSNorm       model/transformer/model.py, torch.nn
 Parameter names (model/hybrid/hf.py maps them to Bamba's):
     tok_embeddings                 (V, C)
     layers.N.mixer_norm            RMSNorm before the mixer
@@ -30,10 +30,10 @@ from model.block_checkpointing import BlockCheckpointing
 from model.config import ModelConfig
 from model.hybrid.config import ATTENTION, layer_kinds
 from model.losses import chunked_linear_cross_entropy, use_chunked_loss
-from model.mamba_mixers import GatedRMSNorm, Mamba2Mixer, MixerState
+from model.mamba.mixers import GatedRMSNorm, Mamba2Mixer, MixerState
 from model.partitioned_init import gathered_for_init
 from model.sampling import decode
-from model.transformer import CausalSelfAttention, KVCache, RotaryEmbedding, SwiGLU
+from model.transformer.model import CausalSelfAttention, KVCache, RotaryEmbedding, SwiGLU
 
 
 class HybridBlock(nn.Module):
@@ -86,7 +86,7 @@ class HybridLM(BlockCheckpointing, nn.Module):
         self.num_checkpointed_blocks = 0
         self.layer_kinds = layer_kinds(config)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
-        # The Transformer's own tables (model/transformer.py), built once for the attention layers.
+        # The Transformer's own tables (model/transformer/model.py), built once for the attention layers.
         self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
         slots = [self.layer_kinds[:i].count(ATTENTION) for i in range(config.n_layers)]
         self.layers = nn.ModuleList(HybridBlock(config, kind, slot) for kind, slot in zip(self.layer_kinds, slots))

@@ -77,8 +77,8 @@ def test_launcher_reports_a_bad_pattern_as_a_config_error():
 
 
 def test_layers_reuse_the_other_families_classes():
-    from model.mamba_mixers import Mamba2Mixer
-    from model.transformer import CausalSelfAttention, SwiGLU
+    from model.mamba.mixers import Mamba2Mixer
+    from model.transformer.model import CausalSelfAttention, SwiGLU
 
     model = make_model(layer_pattern="MMAM")
     kinds = [type(block.mixer) for block in model.layers]
