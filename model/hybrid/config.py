@@ -10,11 +10,10 @@ every problem in one error, as ModelConfig's own validation does for the other f
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from model.config import ModelConfig
-
+# model/config.py calls config_problems while it validates, so this module takes the config untyped (importing
+# ModelConfig here would be an import cycle).
 MAMBA, ATTENTION = "M", "A"
 
 
@@ -49,17 +48,17 @@ def expand_layer_pattern(pattern: str | list, n_layers: int) -> list[str]:
     return letters
 
 
-def layer_kinds(config: "ModelConfig") -> list[str]:
+def layer_kinds(config: Any) -> list[str]:
     """'M' or 'A' for each of the config's n_layers layers."""
     return expand_layer_pattern(config.layer_pattern, config.n_layers)
 
 
-def attention_layers(config: "ModelConfig") -> list[int]:
+def attention_layers(config: Any) -> list[int]:
     """Indices of the attention layers."""
     return [i for i, kind in enumerate(layer_kinds(config)) if kind == ATTENTION]
 
 
-def config_problems(config: "ModelConfig") -> list[str]:
+def config_problems(config: Any) -> list[str]:
     """Every reason `config` cannot build a hybrid model (empty when it can)."""
     problems = []
     if config.layer_pattern is None:
