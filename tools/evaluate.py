@@ -7,8 +7,8 @@
 
 Scores the validation shards of the run's corpus and the standard sets fetched with
 `tools/benchmark.py --datasets-only` (WikiText-103 test, LAMBADA); generates from each prompt with the KV cache
-(Transformer) or the recurrent state (Mamba), starting after an eos as every training document does; reads the loss
-curves from the run's TensorBoard logs. Writes test_results/eval_<name>.json, .md and _loss.png.
+(Transformer), the recurrent state (Mamba) or both (hybrid), starting after an eos as every training document does;
+reads the loss curves from the run's TensorBoard logs. Writes test_results/eval_<name>.json, .md and _loss.png.
 The original project's `test_after_training.py --checkpoint` did this.
 """
 from __future__ import annotations
