@@ -20,7 +20,7 @@ from tools import convert_checkpoint
 
 # Every stage and precision once, families alternating; Mamba-1 once (the HF round trip needs it).
 LAYOUTS_WS1 = ["transformer-0-fp32", "mamba2-0-bf16", "mamba2-2-fp32", "transformer-2-bf16", "transformer-3-fp32",
-               "mamba2-3-bf16", "mamba1-2-fp32", "hybrid-2-bf16", "hybrid-3-fp32"]
+               "mamba2-3-bf16", "mamba1-2-fp32", "hybrid-0-fp32", "hybrid-2-bf16", "hybrid-3-fp32"]
 LAYOUTS_WS2 = ["transformer-0-bf16", "mamba2-2-fp32", "transformer-3-bf16", "mamba2-3-fp32", "hybrid-3-bf16"]
 
 
