@@ -19,7 +19,7 @@ import torch
 from engine.checkpoint import CheckpointManager, atomic_torch_save
 from engine.checkpoint_commit import MANIFEST, damage_of
 from engine.errors import CheckpointError, UnsafeCheckpointError
-from engine.safe_load import verify_folder, verify_weights_only
+from engine.safe_load import check_file as verify_weights_only, check_tree as verify_folder
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
