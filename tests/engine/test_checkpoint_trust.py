@@ -337,3 +337,90 @@ def test_damaged_and_disguised_files(tmp_path):
     with pytest.raises(CheckpointError, match="cannot be read"):
         check_file(truncated)
     assert not marker.exists()
+
+
+# ---- no command deletes or replaces what it did not write (data/output.py) ------------------------------------------
+
+def convert_targets(tmp_path: Path, ckpt: Path) -> dict[str, Path]:
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("the user's own file")
+    return {"the checkpoint dir": ckpt, "a checkpoint_step_N folder": ckpt / TAG,
+            "a folder inside a checkpoint": ckpt / TAG / "export", "a folder of user files": user,
+            "a folder holding the checkpoint dir": tmp_path / "zero2"}
+
+
+def test_convert_never_replaces_a_checkpoint_the_input_or_user_files(trained, tmp_path, capsys):
+    ckpt = copy_run(trained, "zero2", tmp_path)
+    targets = convert_targets(tmp_path, ckpt)
+    before = snapshot(tmp_path)
+    for name, target in targets.items():
+        for to in ("pt", "safetensors", "hf"):
+            for extra in ([], ["--overwrite"]):
+                code = convert_checkpoint.main([str(ckpt), "--to", to, "--output", str(target), *extra])
+                err = capsys.readouterr().err
+                assert code == 2 and err.startswith("error: ") and str(target) in err, (name, to, extra, err)
+                assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+                assert snapshot(tmp_path) == before, (name, to, extra)
+    hf = tmp_path / "published"  # --from_hf: the output may not be (or lie inside) its input either
+    shutil.copytree(ckpt / TAG, hf)
+    (hf / "config.json").write_text("{}")
+    before = snapshot(tmp_path)
+    for output in (hf, hf / "model.pt"):
+        assert convert_checkpoint.main(["--from_hf", str(hf), "--output", str(output), "--overwrite"]) == 2
+        assert "this command's input" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
+
+
+def test_an_existing_output_needs_overwrite_and_then_gets_the_new_weights(trained, tmp_path, capsys):
+    ckpt = trained["zero2"] / "ckpt"
+    earlier = tmp_path / "model.pt"
+    earlier.write_bytes(b"an earlier model")
+    assert convert_checkpoint.main([str(ckpt), "--to", "pt", "--output", str(earlier)]) == 2
+    assert "already exists: pass --overwrite" in capsys.readouterr().err and earlier.read_bytes() == b"an earlier model"
+    assert convert_checkpoint.main([str(ckpt), "--to", "pt", "--output", str(earlier), "--overwrite"]) == 0
+    live = torch.load(trained["zero2"] / "live.pt", weights_only=True)
+    written = torch.load(earlier, weights_only=True)["model_state_dict"]
+    assert all(torch.equal(written[name], tensor) for name, tensor in live.items())
+    st = tmp_path / "st"
+    assert convert_checkpoint.main([str(ckpt), "--to", "safetensors", "--output", str(st)]) == 0
+    (st / "README.md").write_text("notes the user added")  # now the folder holds a file the command did not write
+    before = snapshot(st)
+    assert convert_checkpoint.main([str(ckpt), "--to", "safetensors", "--output", str(st), "--overwrite"]) == 2
+    assert "README.md" in capsys.readouterr().err and snapshot(st) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "st"]  # no staging copy left behind
+
+
+def test_reports_and_shard_sets_never_replace_what_they_did_not_write(trained, tmp_path, capsys, data_cache):
+    from tools import preprocess_data
+
+    ckpt = copy_run(trained, "zero2", tmp_path)
+    targets = convert_targets(tmp_path, ckpt)
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "eval_final_model.json").write_text("an earlier report")
+    (reports / "benchmark.json").write_text("an earlier benchmark")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a few words of text\n" * 50)
+    tokenizer = next(Path(data_cache).rglob("tokenizer.model"))
+    before = snapshot(tmp_path)
+    runs = {"evaluate into a checkpoint": lambda: evaluate.main(["--checkpoint", str(ckpt / "final_model.pt"),
+                                                                  "--output_dir", str(ckpt), "--overwrite"]),
+            "evaluate over an earlier report": lambda: evaluate.main(["--checkpoint", str(ckpt / "final_model.pt"),
+                                                                       "--output_dir", str(reports)]),
+            "benchmark into a checkpoint": lambda: benchmark.main(["--checkpoint", str(ckpt / "final_model.pt"),
+                                                                    "--output_dir", str(ckpt / TAG), "--overwrite"]),
+            "benchmark over an earlier one": lambda: benchmark.main(["--checkpoint", str(ckpt / "final_model.pt"),
+                                                                     "--output_dir", str(reports)])}
+    for name, target in targets.items():
+        for extra in ([], ["--overwrite"]):
+            runs[f"preprocess into {name} {extra}"] = lambda target=target, extra=extra: preprocess_data.main(
+                ["--input", str(corpus), "--tokenizer", str(tokenizer), "--output", str(target), *extra])
+    runs["preprocess into its own input"] = lambda: preprocess_data.main(
+        ["--input", str(corpus), "--tokenizer", str(tokenizer), "--output", str(tmp_path), "--overwrite"])
+    for name, run in runs.items():
+        code = run()
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err, (name, err[-1500:])
+        assert snapshot(tmp_path) == before, name
