@@ -75,14 +75,15 @@ def load_weights_file(path: str | Path, *, mmap: bool = False) -> Any:
                       if g not in DEEPSPEED_CHECKPOINT_GLOBALS]
         except Exception:  # noqa: BLE001 - a truncated or non-zip file cannot be scanned either
             pass
-        if unsafe or "Unsupported global" in str(err) or "Unsupported operand" in str(err):
-            names = ", ".join(unsafe) or str(err).splitlines()[0][:200]
+        named = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if unsafe or named:
+            names = ", ".join(unsafe) or named.group(1)
             raise UnsafeCheckpointError(
                 f"{path} refers to code that a checkpoint never contains ({names}): it was not written by this "
                 "trainer or DeepSpeed and nothing was loaded; remove it (or restore the folder from a copy you "
                 "trust)") from None
         first = str(err).splitlines()[0][:200] if str(err) else ""
-        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {first})") from None
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: {first})") from None
 
 
 def check_file(path: str | Path) -> None:
