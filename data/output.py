@@ -10,7 +10,7 @@ Rules (checked by `check_output` before anything is written, and again just befo
   did not create; a failure removes it and leaves an earlier output as it was.
 
 It lives in data/ because the shard sets (data/preprocess.py) are outputs too and data/ may not import engine/;
-engine/ and tools/ reuse it. The trainer's own checkpoints are staged by engine/checkpoint_commit.py (a folder
+engine/ and tools/ reuse it. The trainer's own checkpoints are staged by engine/checkpoint/commit.py (a folder
 that all ranks write into), its exports (`final_model.pt`, `best_model.pt`) here.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 from data.errors import OutputError
 
 CHECKPOINT_FOLDER = re.compile(r"^(?:\.tmp-)?checkpoint_step_\d+(?:\.damaged-\d+)?$")
-"""The names engine/checkpoint_commit.py gives checkpoint folders (committed, being written, set aside)."""
+"""The names engine/checkpoint/commit.py gives checkpoint folders (committed, being written, set aside)."""
 CHECKPOINT_FILES = ("latest", "checkpoint_complete.json")
 """Files only a checkpoint dir (`latest`, DeepSpeed's and ours) or a committed checkpoint (the manifest) holds."""
 MAX_ENTRIES_SCANNED = 100_000

@@ -7,7 +7,7 @@
     python tools/convert_checkpoint.py --from_hf hf_model --output model.pt             # a published model in
 
 CHECKPOINT is a checkpoint_dir (its `latest` tag, or --tag) or one checkpoint_step_N folder, any ZeRO stage and
-world size. Every pickle it holds is checked before anything loads it (engine/safe_load.py). Outputs are written
+world size. Every pickle it holds is checked before anything loads it (engine/checkpoint/safe_load.py). Outputs are written
 under a temporary name and renamed when complete (data/output.py); an existing --output is refused unless
 --overwrite is given, and an output that is, contains or lies inside a checkpoint folder or the input is refused
 always. A user error prints one `error: ...` line and exits 2.
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_memory:
         import deepspeed.utils.zero_to_fp32  # noqa: F401  (imported now, so the baseline includes it)
 
-        import engine.hf_export  # noqa: F401
+        import engine.checkpoint.hugging_face  # noqa: F401
         imports_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         anon = AnonymousMemorySampler()
     try:
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def convert(args: argparse.Namespace) -> Path:
-    from engine import export, hf_export, universal
+    from engine.checkpoint import export, hugging_face as hf_export, universal
 
     from data.output import check_output
 
@@ -150,7 +150,7 @@ def write_run_yaml(pt_path: Path, *, overwrite: bool = False, inputs: list = ())
     import yaml
 
     from data.output import staged_output
-    from engine.safe_load import load_weights_file
+    from engine.checkpoint.safe_load import load_weights_file
 
     config = load_weights_file(pt_path, mmap=True)["config"]  # reads no weights
     tree = {"model_type": config.pop("model_type"), "model": config,

@@ -1,5 +1,5 @@
 """The trust boundary, command by command: no code in any checkpoint file ever runs, whatever command reads it and
-however deep the file lies (engine/safe_load.py), and no command deletes or replaces what it did not write
+however deep the file lies (engine/checkpoint/safe_load.py), and no command deletes or replaces what it did not write
 (data/output.py).
 
 Oracles: a payload whose unpickling creates a marker file (it exists afterwards if any loader ran it), PyTorch's own
@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.checkpoint import CheckpointManager
-from engine.checkpoint_commit import MANIFEST
+from engine.checkpoint.manager import CheckpointManager
+from engine.checkpoint.commit import MANIFEST
 from engine.errors import CheckpointError, UnsafeCheckpointError
-from engine.export import load_initial_weights
-from engine.safe_load import check_file, check_tree
+from engine.checkpoint.export import load_initial_weights
+from engine.checkpoint.safe_load import check_file, check_tree
 from model import ModelConfig, create_model
 from tests.conftest import REPO_ROOT
 from tests.engine import export_layouts
@@ -290,12 +290,11 @@ def loader_calls(tree: ast.AST) -> list[str]:
 
 
 def test_no_module_reads_a_checkpoint_around_the_loader():
-    """Every torch.load and DeepSpeed loader call lives in engine/safe_load.py (the benchmark of the check itself
-    loads the synthetic files it just wrote, as DeepSpeed would, to time it)."""
-    allowed = {"engine/safe_load.py", "engine/checkpoint/safe_load.py", "scripts/bench_safe_load.py",
-               "tools/bench/safe_load.py"}
+    """Every torch.load and DeepSpeed loader call lives in engine/checkpoint/safe_load.py (the benchmark of the
+    check itself loads the synthetic files it just wrote, as DeepSpeed would, to time it)."""
+    allowed = {"engine/checkpoint/safe_load.py", "tools/bench/safe_load.py"}
     offenders = []
-    for package in ("engine", "tools", "launcher", "data", "model", "scripts", "train.py"):
+    for package in ("engine", "tools", "launcher", "data", "model", "train.py"):
         root = REPO_ROOT / package
         for path in ([root] if root.is_file() else sorted(root.rglob("*.py"))):
             relative = str(path.relative_to(REPO_ROOT))

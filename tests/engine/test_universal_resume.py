@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.universal import needs_universal, saved_world_size, universal_folder
+from engine.checkpoint.universal import needs_universal, saved_world_size, universal_folder
 from tests.conftest import run_two_ranks
 from tests.engine import universal_resume
 from tests.engine.universal_resume import SAVE_AT, STEPS
@@ -22,7 +22,7 @@ STAGES = [2, 3]
 # (checked by hand), yet the steps after the switch drift from the uninterrupted run by 2.7e-4 in the loss and
 # 2.1e-4 in the weights; the same drift appears resuming 1 -> 1 rank through the universal format, so it comes
 # from DeepSpeed's ZeRO-3 universal path, not from the rank change. The bug these tolerances guard, the no-decay
-# group given weight decay by that load (engine/universal.py restores the groups), moves the weights by 2.9e-3
+# group given weight decay by that load (engine/checkpoint/universal.py restores the groups), moves the weights by 2.9e-3
 # (loss 4.1e-4): planted, it fails WEIGHT_TOL[3] (6e-4, 3x the drift). The earlier test (weight decay 0.1,
 # rtol=atol=1e-3) passed with the bug planted: it moved the weights by 4.8e-4 against a drift of 2.2e-4. A resume
 # that lost the optimizer state misses by far more.

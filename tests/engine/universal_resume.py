@@ -31,7 +31,7 @@ def make_recording_trainer(run_dir: Path, data_cache: str, stage: int, *, stop_a
     from engine.trainer import Trainer
     from launcher.config import build_run_config
     from launcher.ds_config import build_ds_config
-    from launcher.plan import choose_plan
+    from launcher.planning.plan import choose_plan
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
 
@@ -50,7 +50,7 @@ def make_recording_trainer(run_dir: Path, data_cache: str, stage: int, *, stop_a
         f"training.gradient_accumulation_steps={GLOBAL_BATCH // (MICRO_BATCH * world_size)}",
         "training.learning_rate=3e-3", "training.warmup_steps=2", f"training.max_steps={STEPS}",
         # Ten times the usual weight decay: a universal load that gave the no-decay group (norms) weight decay, as
-        # DeepSpeed's ZeRO-3 universal load does (engine/universal.py), then moves those weights ~1e-2 in the
+        # DeepSpeed's ZeRO-3 universal load does (engine/checkpoint/universal.py), then moves those weights ~1e-2 in the
         # steps after the switch, far above the ZeRO-3 drift that WEIGHT_TOL allows (test_universal_resume.py).
         "training.weight_decay=1.0",
         f"training.save_interval={SAVE_AT}", f"training.eval_interval={STEPS}", "training.eval_batches=1",
@@ -68,7 +68,7 @@ def run(role: str, data_cache: str, run_dir: Path, stage: int) -> Path:
     """role 'straight' (all STEPS), 'first' (stops after SAVE_AT) or 'resume'; rank 0 writes
     RUN_DIR/<role>_ws<N>.pt with {'losses': {step: loss}, 'weights': fp32 state dict, 'start_step'}."""
     from engine import distributed
-    from engine.checkpoint import gather_fp32_state_dict
+    from engine.checkpoint.manager import gather_fp32_state_dict
 
     trainer = make_recording_trainer(run_dir, data_cache, stage, stop_after_save=role == "first")
     trainer.losses = {}

@@ -1,0 +1,117 @@
+"""Resume on a different number of ranks through DeepSpeed's universal checkpoint.
+
+A ZeRO-1/2/3 checkpoint holds the fp32 master weights and Adam moments partitioned over the ranks that saved it:
+DeepSpeed refuses to load it with another world size ("Automatic adjustment of ZeRO's optimizer state
+partitioning with a new world size is not currently supported", docs/machine_notes.md). Its answer is the
+*universal* checkpoint: `deepspeed.checkpoint.ds_to_universal` rewrites the partitions as one file per parameter
+and state (`zero/<name>/fp32.pt`, `exp_avg.pt`, `exp_avg_sq.pt`), and an engine with
+`checkpoint.load_universal` slices them for its own ranks.
+
+`CheckpointManager.load_latest` calls `needs_universal()` and, when the world size differs, `ensure_universal()`
+(rank 0 converts once, into `checkpoint_step_N/universal/`, written under a temporary name and renamed, so a
+crash never leaves a half-converted folder that a later resume would trust), then loads with
+`universal_load_tag()`. ZeRO-0 keeps whole, unpartitioned states and loads at any world size as it is.
+
+One command does the same by hand: `python tools/convert_checkpoint.py CKPT_DIR --to universal`.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from data.output import leftovers, remove, staged_output
+from engine.errors import CheckpointError
+from engine.checkpoint.safe_load import convert_to_universal, load_deepspeed_checkpoint
+
+UNIVERSAL_SUBDIR = "universal"
+"""The converted copy lives inside the checkpoint it came from, so pruning that checkpoint removes it too."""
+
+_OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+
+
+def saved_world_size(folder: str | Path) -> int | None:
+    """The number of data-parallel ranks that wrote a ZeRO-1/2/3 checkpoint (one optimizer partition file per
+    rank), or None for a ZeRO-0 checkpoint, whose optimizer state is whole and fits any world size."""
+    ranks = {int(m.group(1)) for p in Path(folder).iterdir() if (m := _OPTIM_FILE.match(p.name))}
+    return len(ranks) or None
+
+
+def needs_universal(folder: str | Path, world_size: int) -> bool:
+    """Whether loading `folder` with `world_size` ranks has to go through the universal format."""
+    saved = saved_world_size(folder)
+    return saved is not None and saved != world_size
+
+
+def universal_folder(folder: str | Path) -> Path:
+    return Path(folder) / UNIVERSAL_SUBDIR
+
+
+def universal_load_tag(tag: str) -> str:
+    """The tag to pass to `engine.load_checkpoint(checkpoint_dir, tag=...)` for the converted copy of `tag`."""
+    return f"{tag}/{UNIVERSAL_SUBDIR}"
+
+
+def ensure_universal(folder: str | Path) -> Path:
+    """Convert the DeepSpeed checkpoint `folder` to `folder/universal` unless that exists; returns it.
+
+    Single process (rank 0 only), through engine/checkpoint/safe_load.py (every pickle of `folder` is checked first) and
+    data/output.py (written under a temporary name inside `folder` and renamed, so a crash never leaves a
+    half-converted folder that a later resume would trust)."""
+    folder = Path(folder)
+    out = universal_folder(folder)
+    if out.is_dir():
+        return out
+    if saved_world_size(folder) is None:
+        raise CheckpointError(f"{folder} holds no ZeRO optimizer partitions (*_optim_states.pt): only ZeRO-1/2/3 "
+                              "checkpoints need (and can take) the universal format; ZeRO-0 loads at any world size")
+    for leftover in leftovers(folder, UNIVERSAL_SUBDIR):  # a conversion that was killed
+        remove(leftover)
+    try:
+        # The converted copy belongs to the checkpoint it came from (pruned with it): the one output that is
+        # written inside a checkpoint folder.
+        with staged_output(out, folder=True, inside_checkpoint_ok=True, what="the universal copy") as tmp:
+            remove(tmp)  # ds_to_universal creates its output folder itself
+            try:
+                convert_to_universal(folder, tmp)
+            except CheckpointError:
+                raise
+            except Exception as error:
+                raise CheckpointError(f"could not convert {folder} to DeepSpeed's universal format: "
+                                      f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
+    finally:
+        # ds_to_universal points a `latest_universal` file in the output's parent at the output; we load by
+        # explicit tag, so the pointer (to the temporary name) would only mislead.
+        (folder / "latest_universal").unlink(missing_ok=True)
+    return out
+
+
+def load_universal(engine, checkpoint_dir: str | Path, tag: str):
+    """Load checkpoint `tag`, saved at another world size, into `engine` (all ranks call this): rank 0 converts it
+    once, then every rank loads its own slice. Returns what `engine.load_checkpoint` returns."""
+    from engine import distributed
+
+    folder = Path(checkpoint_dir) / tag
+    if distributed.is_main_process():
+        done = universal_folder(folder).is_dir()
+        print(f"{tag} was saved by {saved_world_size(folder)} ranks, this run has {distributed.world_size()}: "
+              f"{'loading its' if done else 'converting it to'} DeepSpeed universal checkpoint "
+              f"{universal_folder(folder)}", flush=True)
+        ensure_universal(folder)
+    distributed.barrier()
+    # `checkpoint.load_universal` is read only inside load_checkpoint (deepspeed/runtime/engine.py and the ZeRO
+    # optimizers' load_state_dict), so switching it on for this one load is the ds_config setting
+    # `"checkpoint": {"load_universal": true}` without rebuilding the engine; later saves are normal checkpoints.
+    # DeepSpeed 0.19.8's ZeRO-3 universal load copies the hyperparameters of param_groups[0] into every group
+    # (zero/stage3.py `_load_universal_checkpoint`: "Generally, the hyperparameters of each parameter should be
+    # the same"), which gives the no-decay group (norms, SSM scalars) weight decay. The engine was just built with
+    # the right groups, so their hyperparameters are kept; lr comes from the restored schedule.
+    groups = engine.optimizer.param_groups
+    kept = [{k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")} for group in groups]
+    engine._config.load_universal_checkpoint = True
+    try:
+        result = load_deepspeed_checkpoint(engine, checkpoint_dir, universal_load_tag(tag))
+    finally:
+        engine._config.load_universal_checkpoint = False
+    for group, hyperparameters in zip(engine.optimizer.param_groups, kept):
+        group.update(hyperparameters)
+    return result
