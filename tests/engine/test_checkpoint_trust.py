@@ -129,7 +129,7 @@ def engine(trained, process_group, tmp_path_factory):
     from engine.trainer import Trainer
     from launcher.config import build_run_config
     from launcher.ds_config import build_ds_config
-    from launcher.plan import choose_plan
+    from launcher.planning.plan import choose_plan
 
     folder = tmp_path_factory.mktemp("engine")
     run_config = json.loads((trained["zero2"] / "ckpt" / TAG / "run_config.json").read_text())
