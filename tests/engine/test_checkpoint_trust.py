@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import pickle
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -314,6 +312,24 @@ def test_clean_deepspeed_files_pass_at_every_depth(trained):
     assert {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "fp32.pt", "exp_avg.pt",
             "exp_avg_sq.pt", "optimizer_state.pt", "best_model.pt", "final_model.pt"} <= names, names
     assert any("universal" in p.parts for p in checked)
+
+
+def test_fp16_loss_scaler_states_pass_at_any_depth(tmp_path):
+    """What DeepSpeed writes under fp16 (a dynamic loss scaler; this CPU trains no fp16 checkpoint to plant in),
+    as a universal-copy file would hold it."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    folder = tmp_path / TAG / "universal" / "zero"
+    folder.mkdir(parents=True)
+    torch.save({"optimizer_state_dict": {"loss_scaler": LossScaler(1.0), "dynamic": DynamicLossScaler(
+                                             init_scale=2**16, scale_window=1000, min_scale=1, delayed_shift=2,
+                                             consecutive_hysteresis=False),
+                                         "zero_stage": ZeroStageEnum.gradients,
+                                         "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}]}},
+               folder / "optimizer_state.pt")
+    assert check_tree(tmp_path) == [folder / "optimizer_state.pt"]
 
 
 def test_damaged_and_disguised_files(tmp_path):
