@@ -408,7 +408,7 @@ def test_an_existing_output_needs_overwrite_and_then_gets_the_new_weights(traine
 
 
 def test_reports_and_shard_sets_never_replace_what_they_did_not_write(trained, tmp_path, capsys, data_cache):
-    from tools import preprocess_data
+    from tools import preprocess_data, train_tokenizer
 
     ckpt = copy_run(trained, "zero2", tmp_path)
     targets = convert_targets(tmp_path, ckpt)
@@ -416,6 +416,7 @@ def test_reports_and_shard_sets_never_replace_what_they_did_not_write(trained, t
     reports.mkdir()
     (reports / "eval_final_model.json").write_text("an earlier report")
     (reports / "benchmark.json").write_text("an earlier benchmark")
+    (reports / "tokenizer.model").write_text("an earlier tokenizer")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("a few words of text\n" * 50)
     tokenizer = next(Path(data_cache).rglob("tokenizer.model"))
@@ -432,6 +433,10 @@ def test_reports_and_shard_sets_never_replace_what_they_did_not_write(trained, t
         for extra in ([], ["--overwrite"]):
             runs[f"preprocess into {name} {extra}"] = lambda target=target, extra=extra: preprocess_data.main(
                 ["--input", str(corpus), "--tokenizer", str(tokenizer), "--output", str(target), *extra])
+    runs["train_tokenizer over an earlier one"] = lambda: train_tokenizer.main(
+        ["--from_model", str(tokenizer), "--output", str(reports / "tokenizer.model")])
+    runs["train_tokenizer into a checkpoint"] = lambda: train_tokenizer.main(
+        ["--from_model", str(tokenizer), "--output", str(ckpt / "tokenizer.model"), "--overwrite"])
     runs["preprocess into its own input"] = lambda: preprocess_data.main(
         ["--input", str(corpus), "--tokenizer", str(tokenizer), "--output", str(tmp_path), "--overwrite"])
     for name, run in runs.items():
