@@ -357,7 +357,7 @@ class CheckpointCommitter:
                 "copy every node's checkpoint_step_N into one folder on a shared file system (the nodes hold disjoint "
                 "files), set checkpoint_dir to it and training.node_local_checkpoints=false; the resume then goes "
                 "through DeepSpeed's universal checkpoint")
-        path, client_state = engine.load_checkpoint(str(self.checkpoint_dir), tag=folder.name)
+        path, client_state = load_deepspeed_checkpoint(engine, self.checkpoint_dir, folder.name)
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {folder}: move it away to resume from the one "
                                   "before, or set training.checkpoint_dir to a new folder")
