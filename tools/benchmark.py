@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             fetch_models(args)
             return 0
         output = Path(args.output_dir) / "benchmark.json"
-        inputs = args.checkpoint or ["checkpoints/best_model.pt"]
+        inputs = [*(args.checkpoint or ["checkpoints/best_model.pt"]), *(args.text_file or [])]
         check_output(output, overwrite=args.overwrite, inputs=inputs, what="--output_dir")
         result = compare(args)
         with staged_output(output, overwrite=args.overwrite, inputs=inputs, what="--output_dir") as tmp:

@@ -63,7 +63,8 @@ def write_hf_folder(folder: str | Path, out_dir: str | Path, *, tokenizer_path: 
     transformers = _transformers()
     source = folder
     folder = resolve_checkpoint(folder)
-    output_rules = dict(overwrite=overwrite, inputs=[source, folder], owned=HF_FOLDER_FILES, folder=True)
+    output_rules = dict(overwrite=overwrite, inputs=[source, folder, *([tokenizer_path] if tokenizer_path else [])],
+                        owned=HF_FOLDER_FILES, folder=True)
     check_output(out_dir, **output_rules)  # refused before anything is read
     config, run_config = load_model_config(folder)
     tokenizer_path = Path(tokenizer_path) if tokenizer_path else default_tokenizer_path(run_config)
