@@ -214,8 +214,11 @@ def preprocess(source: DocumentSource, options: PreprocessOptions) -> dict:
     if meta is not None and not options.overwrite:
         raise DataError(f"{folder} already holds a finished shard set made with other settings; choose another "
                         "--output, or pass --overwrite to replace it")
-    check_output(folder, **rules)
     staging = resumable_staging(folder)
+    if meta is None and (folder / PROGRESS_FILE).is_file() and not staging.exists():
+        staging = folder  # an interrupted run of an earlier version, which built in place: resumed there
+    else:
+        check_output(folder, **rules)
     if staging.exists():
         check_output(staging, overwrite=True, inputs=rules["inputs"], owned=SHARD_SET_FILES, folder=True,
                      what="the staging folder of --output")
@@ -242,7 +245,8 @@ def preprocess(source: DocumentSource, options: PreprocessOptions) -> dict:
     _write_json(staging / META_FILE, meta)
     (staging / PROGRESS_FILE).unlink(missing_ok=True)
     (staging / HASHES_FILE).unlink(missing_ok=True)
-    publish(staging, folder, **rules)
+    if staging != folder:
+        publish(staging, folder, **rules)
     return meta
 
 
