@@ -290,7 +290,7 @@ def make_plan(run: RunConfig, args: argparse.Namespace, world_size: int, run_nam
             gpus = own_gpu(ranks_per_node) if launched else (
                 detect_gpus_in_subprocess() if detect_in_subprocess else detect_gpus(limit=ranks_per_node))
         budget = memory_budget(ranks_per_node, gpu_memory, gpus=gpus, host_bytes=cpu_memory,
-                               ssm_type=run.model.ssm_type if run.model_type == "mamba" else None)
+                               ssm_type=run.model.ssm_type if run.model_type in ("mamba", "hybrid") else None)
         if launched:
             from engine.distributed import init_distributed
 

@@ -4,11 +4,12 @@
 #   0. with --wheelhouse DIR: install DIR/*.whl (tools/gpu_wheelhouse.sh built them) with `pip --no-index --no-deps
 #      --target /tmp/gpu_check_site` (GPU_CHECK_SITE) on top of the machine's own torch, and import what the check needs,
 #   1. the GPU parity tests (pytest -m gpu: fused kernels against their references),
-#   2. throughput, MFU and peak memory against the memory plan for test_small, 1b_transformer and 1b_mamba
+#   2. throughput, MFU and peak memory against the memory plan for test_small, 1b_transformer, 1b_mamba and 1b_hybrid
 #      (tools/throughput.py: short runs, the plan's micro-batch, sequence 2048, next to a plain PyTorch loop and
-#      transformers' model of the same shape),
+#      transformers' model of the same shape; the hybrid: mamba-ssm's fused Mamba-2 kernels and FlashAttention in one
+#      model, BambaForCausalLM beside it; a preset this checkout lacks gets a "skipped" row),
 #   3. the quick start's "the same command uses the GPU" path (launcher/run.py --preset tiny, a few steps),
-#   4. the newer features, each only where this checkout has it (sequence parallelism, the hybrid family, Muon),
+#   4. the newer features, each only where this checkout has it (sequence parallelism, Muon),
 # GPU_CHECK_PARTS picks parts (default: install imports tests throughput quickstart features).
 # Then one Markdown table, printed and written to OUT/gpu_check.md beside OUT/gpu_check_logs.tar.gz (every log and
 # JSON report; per-contender detail: tools/throughput.py --markdown *.json). OUT: --out DIR, else the device tool's
@@ -37,7 +38,7 @@ fi
 BUDGET=${GPU_CHECK_BUDGET_S:-440}  # + up to 10 s for a part killed at its limit, + the table: < 8 minutes
 STEPS=${GPU_CHECK_STEPS:-5}
 SEQ=${GPU_CHECK_SEQ:-2048}
-read -r -a PRESETS <<< "${GPU_CHECK_PRESETS:-test_small 1b_transformer 1b_mamba}"
+read -r -a PRESETS <<< "${GPU_CHECK_PRESETS:-test_small 1b_transformer 1b_mamba 1b_hybrid}"
 # Which parts run (a second call can redo only what the first did not finish); the others get a "skipped" row.
 PARTS=" ${GPU_CHECK_PARTS:-install imports tests throughput quickstart features} "
 want() { [[ "$PARTS" == *" $1 "* ]]; }
@@ -121,9 +122,11 @@ else
     row "pytest -m gpu" "$NOT_WANTED"
 fi
 
+has_preset() { "$PY" -c "import sys; from launcher.presets import PRESETS; sys.exit($1 not in PRESETS)" 2>/dev/null; }
 throughput_row() {  # throughput_row PRESET PARTS_AFTER [extra throughput.py args]
     local preset=$1 after=$2; shift 2
     want throughput || { row "throughput $preset" "$NOT_WANTED"; return; }
+    has_preset "'$preset'" || { row "throughput $preset" "skipped: no preset $preset in this checkout"; return; }
     run_part "throughput $preset (sequence $SEQ)" 120 "$after" "$preset.txt" \
         "$PY" tools/throughput.py --preset "$preset" --seq_len "$SEQ" --steps "$STEPS" --warmup 2 \
         --json "$WORK/$preset.json" "$@"
@@ -161,7 +164,6 @@ fi
 
 # 4. Newer features: one line each, skipped cleanly (with the reason in the table) where this checkout lacks the
 # feature, so the branches that bring them can land in any order. Each runs only if the budget still has room.
-has_preset() { "$PY" -c "import sys; from launcher.presets import PRESETS; sys.exit($1 not in PRESETS)" 2>/dev/null; }
 num_gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 if ! want features; then
     row "sequence parallelism" "$NOT_WANTED"
@@ -175,13 +177,6 @@ elif [ -f model/sequence_parallel.py ]; then
     fi
 else
     row "sequence parallelism" "skipped: not in this checkout (model/sequence_parallel.py)"
-fi
-if ! want features; then
-    row "throughput 1b_hybrid" "$NOT_WANTED"
-elif has_preset "'1b_hybrid'"; then
-    PARTS="$PARTS throughput " throughput_row 1b_hybrid 0
-else
-    row "throughput 1b_hybrid" "skipped: no preset 1b_hybrid in this checkout"
 fi
 # Muon: runs where the run config accepts the setting (a dry run validates it without training).
 MUON_SET=${GPU_CHECK_MUON_SET:-training.optimizer=muon}
