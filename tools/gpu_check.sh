@@ -188,7 +188,7 @@ elif timeout "$(limit 60 0)" "$PY" launcher/run.py --preset tiny --set "$MUON_SE
     AFTER=0 quickstart "quick start with Muon" quickstart_muon.txt --set "$MUON_SET"
     row "quick start tiny, Muon" "$QUICK"
 else
-    row "quick start tiny, Muon" "skipped: this checkout's config refuses $MUON_SET ($(grep -m1 '^error' "$WORK/muon_dry_run.txt" | cut -c1-100))"
+    row "quick start tiny, Muon" "skipped: this checkout's config refuses $MUON_SET ($(grep -m1 -i 'optimizer' "$WORK/muon_dry_run.txt" | sed 's/^ *//' | cut -c1-120))"
 fi
 
 table="$WORK/gpu_check.md"
