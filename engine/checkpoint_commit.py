@@ -247,6 +247,21 @@ class CheckpointCommitter:
         except OSError as err:
             raise storage_error(err, path) from err
 
+    def set_aside(self, tag: str, why: str) -> Path:
+        """Rename a committed folder that must not be resumed from to `<tag>.damaged-<time>` (kept, never deleted;
+        no longer a checkpoint_step_N, so neither loading nor pruning sees it). All ranks call; rank 0 renames."""
+        folder = self.checkpoint_dir / tag
+        aside = folder.with_name(f"{tag}.damaged-{int(time.time())}")
+
+        def rename() -> None:
+            print(f"warning: checkpoint {folder} cannot be resumed from ({why}); moved to {aside}", file=sys.stderr,
+                  flush=True)
+            folder.rename(aside)
+
+        distributed.run_on_main(rename)
+        self.resumed_tag = None
+        return aside
+
     # ---- loading -----------------------------------------------------------------------------------------------
     def load_latest(self, engine) -> dict[str, Any] | None:
         """Restore the newest complete checkpoint; returns its client state, or None if the folder has none.
