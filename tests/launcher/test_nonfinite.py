@@ -6,14 +6,15 @@ loader, not with the project's export code), and torch.isfinite.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 
 import pytest
 import torch
 
-from engine.checkpoint_commit import damage_of
-from tests.launcher.reliability_runs import clean_env, finish, run_args, start, weights
+from engine.checkpoint_commit import MANIFEST, damage_of
+from tests.launcher.reliability_runs import clean_env, finish, run_args, snapshot, start, weights
 
 NAN_AT = 4
 """The NaN gradient comes in the step that would be saved (save_interval=2): the save must not happen."""
@@ -50,3 +51,31 @@ def test_nan_gradients_with_a_finite_loss_are_never_committed(tmp_path, data_cac
     assert resumed.keys() >= good.keys()
     for name, tensor in good.items():
         assert torch.isfinite(resumed[name]).all() and torch.equal(resumed[name], tensor), name
+
+
+@pytest.mark.slow
+def test_a_committed_checkpoint_with_nan_weights_is_set_aside_on_resume(tmp_path, data_cache):
+    """A NaN checkpoint written before these checks existed: the resume moves it aside (kept byte for byte) and
+    continues from the one before, instead of stopping with exit 3 at every relaunch."""
+    zero0 = "training.zero_stage=0"
+    code, out, err = finish(start(run_args(data_cache, zero0, max_steps=4), cwd=tmp_path, env=clean_env()))
+    assert code == 0, err[-3000:]
+    root = tmp_path / "checkpoints"
+    bad = root / "checkpoint_step_4"
+    states = torch.load(bad / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+    name = "layers.0.attn.wq.weight"  # not the embedding: the tied output weight would load over it
+    states["module"][name] = torch.full_like(states["module"][name], math.nan)
+    torch.save(states, bad / "mp_rank_00_model_states.pt")
+    manifest = json.loads((bad / MANIFEST).read_text())
+    manifest["files"]["mp_rank_00_model_states.pt"] = (bad / "mp_rank_00_model_states.pt").stat().st_size
+    (bad / MANIFEST).write_text(json.dumps(manifest))
+    poisoned = snapshot(bad)
+
+    code, out, err = finish(start(run_args(data_cache, zero0, max_steps=4), cwd=tmp_path, env=clean_env()))
+    assert code == 0, out[-2000:] + err[-3000:]
+    assert "checkpoints/checkpoint_step_4 cannot be resumed from (its weights hold NaN or inf)" in err, out[-3000:]
+    assert "resumed from ./checkpoints/checkpoint_step_2 at step 2" in out + err
+    (aside,) = root.glob("checkpoint_step_4.damaged-*")
+    assert snapshot(aside) == poisoned
+    retrained = deepspeed_weights(bad)
+    assert all(torch.isfinite(t).all() for t in retrained.values())
