@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import distributed, universal
-from engine.errors import CheckpointError, UnsafeCheckpointError
+from engine.errors import CheckpointError, UnsafeCheckpointError, first_line, is_storage_failure, storage_hint
 from engine.faults import kill_point, wrap_deepspeed_saves
 from engine.safe_load import verify_folder
 
@@ -91,17 +91,17 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def storage_error(err: OSError, path: Path) -> CheckpointError:
-    """An OSError while writing checkpoints, as one message naming the path and what to do."""
-    fix = {errno.ENOSPC: "the disk is full: free space or set training.checkpoint_dir to a bigger disk",
-           errno.EDQUOT: "the disk quota is used up: free space or set training.checkpoint_dir elsewhere",
-           errno.EROFS: "the file system is read-only: set training.checkpoint_dir to a writable folder",
-           errno.EACCES: "permission denied: make it writable or set training.checkpoint_dir elsewhere",
-           errno.EPERM: "permission denied: make it writable or set training.checkpoint_dir elsewhere",
-           errno.ENOTDIR: "a file stands where a folder is needed: move it away or set training.checkpoint_dir",
-           errno.EEXIST: "a file stands where a folder is needed: move it away or set training.checkpoint_dir"}
-    hint = fix.get(err.errno, "check the folder and the disk, or set training.checkpoint_dir elsewhere")
-    return CheckpointError(f"cannot write {err.filename or path}: {err.strerror or err}; {hint}")
+def storage_error(err: BaseException, path: Path) -> CheckpointError:
+    """A failed write of a checkpoint (an OSError, or torch's RuntimeError for the same kernel error), as one
+    message naming the path and what to do."""
+    fix = {errno.ENOTDIR: "a file stands where a folder is needed: move it away",
+           errno.EEXIST: "a file stands where a folder is needed: move it away"}
+    code = getattr(err, "errno", None)
+    hint = fix.get(code) or storage_hint(path, err)
+    where = getattr(err, "filename", None) or path
+    reason = (err.strerror if isinstance(err, OSError) and err.strerror else first_line(err))
+    return CheckpointError(f"cannot write {where}: {reason}; {hint}, or set training.checkpoint_dir elsewhere "
+                           "(nothing of this save was kept; earlier checkpoints are intact)")
 
 
 class CheckpointCommitter:
@@ -159,9 +159,11 @@ class CheckpointCommitter:
         try:
             engine.save_checkpoint(str(self.checkpoint_dir), tag=temp_tag, client_state=client_state,
                                    save_latest=False)
-        except OSError as err:
+        except Exception as err:
             shutil.rmtree(self.checkpoint_dir / temp_tag, ignore_errors=True)
-            raise storage_error(err, folder) from err
+            if is_storage_failure(err):  # torch reports ENOSPC/EFBIG as RuntimeError, not OSError
+                raise storage_error(err, folder) from err
+            raise
         distributed.run_on_main(lambda: self._publish(self.checkpoint_dir / temp_tag, folder, step))
         return folder
 
@@ -241,11 +243,13 @@ class CheckpointCommitter:
 
     @contextlib.contextmanager
     def storage_errors(self, path: Path):
-        """Turn an OSError of a write into a CheckpointError naming `path` and the fix."""
+        """Turn a failed write (OSError, or torch's RuntimeError for one) into a CheckpointError naming `path`."""
         try:
             yield
-        except OSError as err:
-            raise storage_error(err, path) from err
+        except Exception as err:
+            if is_storage_failure(err):  # torch reports ENOSPC/EFBIG as RuntimeError, not OSError
+                raise storage_error(err, path) from err
+            raise
 
     def set_aside(self, tag: str, why: str) -> Path:
         """Rename a committed folder that must not be resumed from to `<tag>.damaged-<time>` (kept, never deleted;
