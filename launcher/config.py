@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 class SystemConfig(BaseModel):
     """What happens around the run (the original's `system:` section)."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     auto_shutdown: bool = False
     """Power the machine off when training finishes."""
@@ -37,7 +37,7 @@ class SystemConfig(BaseModel):
 class RunConfig(BaseModel):
     """One training run: the original project's top-level keys and sections."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     model_type: str = "transformer"
     """Model family: 'transformer' or 'mamba' (see --list_models)."""
@@ -176,7 +176,9 @@ def validate_tree(tree: dict[str, Any]) -> RunConfig:
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as err:
-        lines = [_describe(e) for e in err.errors()]
+        lines = [line for e in err.errors() for line in _describe(e).split("\n  - ")]
+        if len(lines) == 1:  # one problem: one line
+            raise ConfigError(f"invalid config: {lines[0]}") from None
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(lines)) from None
 
 
