@@ -6,6 +6,7 @@ the real count of a download is what the shards' meta.json reports.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -160,8 +161,9 @@ def parse_model_size(text: str) -> float:
         value = float(cleaned[:-1]) * scale if scale else float(cleaned)
     except ValueError:
         raise DataError(f"model size {text!r} is not a number of parameters; write e.g. 125M, 1B or 7B") from None
-    if value <= 0:
-        raise DataError(f"model size must be positive, got {text!r}")
+    if not (math.isfinite(value) and value > 0):  # nan, inf and 1e400 parse as floats too
+        raise DataError(f"model size must be a positive finite number of parameters, got {text!r}: write e.g. "
+                        "125M, 1B or 7B")
     return value
 
 
@@ -188,8 +190,9 @@ def recommend(num_params: float, *, lang: str = "en",
     the language's MIXTURES weights."""
     if lang not in MIXTURES:
         raise DataError(f"--lang {lang!r} is not one of {', '.join(MIXTURES)}")
-    if tokens_per_param <= 0:
-        raise DataError(f"--tokens_per_param must be positive, got {tokens_per_param}")
+    if not (math.isfinite(tokens_per_param) and tokens_per_param > 0):
+        raise DataError(f"--tokens_per_param must be a positive finite number, got {tokens_per_param} (20 is "
+                        "Chinchilla's compute-optimal ratio)")
     total = tokens_per_param * num_params
     return [RecommendedSource(entry=CATALOG[name], weight=weight, num_tokens=weight * total)
             for name, weight in MIXTURES[lang].items()]
