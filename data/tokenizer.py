@@ -10,6 +10,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from data.errors import DataError
+
 # SentencePiece silently drops training sentences over 4192 bytes (its max_sentence_length default).
 MAX_LINE_BYTES = 4000
 # Sentences sampled for training: ~50 MB of paragraphs, far above the embedded corpus, and it bounds the time
@@ -105,9 +107,15 @@ class Tokenizer:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise DataError(f"tokenizer model {self.path} is a folder: give its .model file (tokenizer.model)")
         if not self.path.is_file():
             raise FileNotFoundError(f"tokenizer model {self.path} does not exist")
-        self._processor = spm.SentencePieceProcessor(model_file=str(self.path))
+        try:
+            self._processor = spm.SentencePieceProcessor(model_file=str(self.path))
+        except RuntimeError:  # "could not parse ModelProto": a text file, a JSON tokenizer, a truncated model
+            raise DataError(f"{self.path} is not a SentencePiece model (it does not parse as one): give the .model "
+                            "file that tools/train_tokenizer.py writes (or a Llama-style tokenizer.model)") from None
 
     @property
     def vocab_size(self) -> int:

@@ -81,7 +81,7 @@ def prepare_sources(config: DataConfig, *, vocab_size: int, progress: bool) -> N
     raw = _raw_sources(config)
     if not raw:
         return
-    tokenizer_path = Path(config.tokenizer) if config.tokenizer else _existing_tokenizer(config)
+    tokenizer_path = _given_tokenizer(config) or _existing_tokenizer(config)
     if tokenizer_path is None:
         tokenizer_path = Path(config.cache_dir) / "sources" / f"tokenizer-v{vocab_size}.model"
         if not tokenizer_path.is_file():
@@ -93,6 +93,18 @@ def prepare_sources(config: DataConfig, *, vocab_size: int, progress: bool) -> N
             output_dir=_prepared_folder(config, source, vocab_size), tokenizer_path=tokenizer_path,
             num_workers=max(1, min(4, (os.cpu_count() or 1) - 1)), val_fraction=config.val_fraction,
             progress=progress))
+
+
+def _given_tokenizer(config: DataConfig) -> Path | None:
+    """data.tokenizer, checked where it enters: a file that loads as a SentencePiece model (None: not set)."""
+    if not config.tokenizer:
+        return None
+    path = Path(config.tokenizer)
+    try:
+        Tokenizer(path)
+    except (DataError, OSError) as err:
+        raise DataError(f"data.tokenizer: {err}") from None
+    return path
 
 
 def _existing_tokenizer(config: DataConfig) -> Path | None:
@@ -122,7 +134,7 @@ def open_training_data(config: DataConfig, *, vocab_size: int, seq_len: int, see
         return TrainingData(tokenizer=tokenizer, sources=[source],
                             mixture=MixtureSampler([1.0], [source.name]), prepared=prepared)
 
-    tokenizer_path = Path(config.tokenizer) if config.tokenizer else _existing_tokenizer(config)
+    tokenizer_path = _given_tokenizer(config) or _existing_tokenizer(config)
     if tokenizer_path is None:
         tokenizer_path = Path(config.cache_dir) / "sources" / f"tokenizer-v{vocab_size}.model"
     if not tokenizer_path.is_file():

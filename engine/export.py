@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import zipfile
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 
 from engine.checkpoint import TAG_PATTERN, latest_tag
-from engine.errors import CheckpointError
+from engine.errors import CheckpointError, first_line
 from model import ModelConfig, create_model
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
@@ -250,14 +252,25 @@ def read_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{index} is not a safetensors index (a JSON object with a 'weight_map'): "
+                                  f"{type(err).__name__}: {first_line(err)}") from None
     elif (folder / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
         raise CheckpointError(f"{folder} has no model.safetensors or model.safetensors.index.json")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(str(folder / file)))
+        path = folder / file
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing (named in {folder}'s safetensors index): copy the whole folder")
+        try:
+            state.update(load_file(str(path)))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError (no public base class)
+            raise CheckpointError(f"{path} is not a safetensors file ({first_line(err)}): give the folder that "
+                                  "save_pretrained or convert_checkpoint.py wrote") from None
     return state
 
 
@@ -317,7 +330,14 @@ def load_initial_weights(model: torch.nn.Module, path: str | Path, config: Model
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"training.init_from: {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    not_pt = (f"training.init_from: {path} is not a PyTorch .pt file ({{}}): give a final_model.pt or "
+              "best_model.pt, or the .pt that convert_checkpoint.py --from_hf wrote")
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6; a text file is not one
+        raise CheckpointError(not_pt.format("not a zip archive, as torch.save writes"))
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError) as err:  # a damaged archive
+        raise CheckpointError(not_pt.format(first_line(err))) from None
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model_state_dict" not in checkpoint:
         raise CheckpointError(f"training.init_from: {path} is not a .pt of this project ({{'config', "
                               "'model_state_dict'}}, as final_model.pt or convert_checkpoint.py writes)")

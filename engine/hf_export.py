@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from data.errors import DataError
+from data.tokenizer import Tokenizer
 from engine.errors import CheckpointError
 from engine.export import (DEFAULT_MAX_SHARD_BYTES, check_weights, iter_fp32_weights, load_model_config,
                            read_safetensors_folder, resolve_checkpoint, staged_output, tied_duplicates,
@@ -56,6 +58,10 @@ def write_hf_folder(folder: str | Path, out_dir: str | Path, *, tokenizer_path: 
     tokenizer_path = Path(tokenizer_path) if tokenizer_path else default_tokenizer_path(run_config)
     if not tokenizer_path.is_file():
         raise CheckpointError(f"the run's tokenizer {tokenizer_path} is missing: pass --tokenizer PATH/tokenizer.model")
+    try:
+        Tokenizer(tokenizer_path)  # a text or JSON file would fail deep inside transformers' converter
+    except DataError as err:
+        raise CheckpointError(f"--tokenizer: {err}") from None
     mapping = hf_mapping(config)
     hf_config = getattr(transformers, mapping.config_class)(
         **mapping.config_kwargs, bos_token_id=_BOS_ID, eos_token_id=_EOS_ID, pad_token_id=None,
