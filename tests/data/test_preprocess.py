@@ -95,12 +95,28 @@ def test_local_files_become_megatron_shards(tmp_path, small_tokenizer, kind):
     assert not list((tmp_path / "out").glob("*.tmp-*")) and not (tmp_path / "out" / "progress.json").exists()
 
 
-def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, small_tokenizer, monkeypatch):
-    documents = make_documents(150, seed=2, num_duplicates=5)
-    source = resolve_source(str(write_jsonl(tmp_path / "c.jsonl", documents)))
-    preprocess(source, options(tmp_path / "straight", small_tokenizer))
+NOT_TEXT = [None, 7, ["a list"], {"a": "dict"}]
+"""Row values that are not text: a null, a number, a list, an object."""
 
-    real = preprocess_module.iter_documents
+
+@pytest.mark.parametrize("not_text_every", [0, 13], ids=["text rows", "some rows not text"])
+def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, small_tokenizer, monkeypatch, not_text_every):
+    """Rows whose text is not a string are counted, and count as rows for the resume position: otherwise the
+    resumed run skips (or repeats) as many documents as there were such rows before the interruption."""
+    documents = make_documents(150, seed=2, num_duplicates=5)
+    rows: list = list(documents)
+    if not_text_every:
+        for i, value in enumerate(range(not_text_every, len(rows), not_text_every)):
+            rows.insert(value, NOT_TEXT[i % len(NOT_TEXT)])
+    write_jsonl(tmp_path / "c.jsonl", rows)
+    source = resolve_source(str(tmp_path / "c.jsonl"))
+    meta = preprocess(source, options(tmp_path / "straight", small_tokenizer))
+    assert meta["num_rows_not_text"] == len(rows) - len(documents)
+    train, val = expected_split(documents, small_tokenizer)  # the oracle sees only the text rows
+    _, got_train, got_val = read_shard_set(tmp_path / "straight")
+    assert got_train == train and got_val == val
+
+    real = preprocess_module.iter_rows
 
     def dies_after_100(source, *, skip=0):
         for count, text in enumerate(real(source, skip=skip)):
@@ -108,7 +124,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, small_tokenizer, mo
                 raise KeyboardInterrupt("simulated Ctrl+C")
             yield text
 
-    monkeypatch.setattr(preprocess_module, "iter_documents", dies_after_100)
+    monkeypatch.setattr(preprocess_module, "iter_rows", dies_after_100)
     with pytest.raises(KeyboardInterrupt):
         preprocess(source, options(tmp_path / "resumed", small_tokenizer))
     folder = tmp_path / "resumed"
@@ -122,7 +138,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, small_tokenizer, mo
     (folder / "train_00042.bin.tmp-1-abc").write_bytes(b"junk")
     (folder / "val_00099.idx").write_bytes(b"junk")
 
-    monkeypatch.setattr(preprocess_module, "iter_documents", real)
+    monkeypatch.setattr(preprocess_module, "iter_rows", real)
     preprocess(source, options(folder, small_tokenizer))
     straight_files = sorted(p.name for p in (tmp_path / "straight").iterdir())
     assert sorted(p.name for p in folder.iterdir()) == straight_files
