@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -58,16 +59,48 @@ def training_sentences(texts: Iterable[str], max_bytes: int = MAX_LINE_BYTES) ->
                 yield "\n".join(chunk)
 
 
+def vocabulary_error(err: RuntimeError, vocab_size: int, *, vocab_key: str, corpus: str) -> DataError:
+    """SentencePiece's RuntimeError for a vocabulary that does not fit the corpus, as one line naming the key and
+    the size that works (its C++ check text is kept out: it names internal fields, not what to change)."""
+    text = str(err)
+    if match := re.search(r"smaller than required_chars\. (\d+) vs (\d+)", text):
+        return DataError(f"{vocab_key} {vocab_size} is too small for {corpus}: it needs at least {match.group(2)} "
+                         "pieces (its distinct characters, 256 byte pieces and unk/bos/eos); set "
+                         f"{vocab_key} to {match.group(2)} or more")
+    if match := re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", text):
+        return DataError(f"{vocab_key} {vocab_size} is too large for {corpus}: SentencePiece can learn at most "
+                         f"{match.group(2)} pieces from this text; set {vocab_key} to {match.group(2)} or less, or "
+                         "train on more text")
+    return DataError(f"SentencePiece could not train a tokenizer on {corpus} with {vocab_key} {vocab_size}: "
+                     f"{text.strip().splitlines()[0] if text.strip() else type(err).__name__}")
+
+
 def train_tokenizer(
     texts: Iterable[str], model_prefix: str | Path, vocab_size: int = 8192, *, seed: int = 0, num_threads: int = 2,
-    model_type: str = "bpe", character_coverage: float = 0.9995,
+    model_type: str = "bpe", character_coverage: float = 0.9995, vocab_key: str = "the vocabulary size",
+    corpus: str = "this corpus",
 ) -> Tokenizer:
-    """Train a byte-fallback BPE (or unigram) model on texts and write `<model_prefix>.model` atomically."""
+    """Train a byte-fallback BPE (or unigram) model on texts and write `<model_prefix>.model` atomically.
+
+    A vocabulary the corpus cannot fill, or smaller than its characters, is a DataError naming `vocab_key`."""
     model_path = Path(f"{model_prefix}.model")
     model_path.parent.mkdir(parents=True, exist_ok=True)
     # Same texts and seed -> same model: the seed fixes the sampling of sentences beyond the limit.
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
+    try:
+        _train(texts, model, vocab_size=vocab_size, num_threads=num_threads, model_type=model_type,
+               character_coverage=character_coverage)
+    except RuntimeError as err:
+        raise vocabulary_error(err, vocab_size, vocab_key=vocab_key, corpus=corpus) from None
+    temp_path = model_path.with_name(f"{model_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    temp_path.write_bytes(model.getvalue())
+    os.replace(temp_path, model_path)
+    return Tokenizer(model_path)
+
+
+def _train(texts: Iterable[str], model: io.BytesIO, *, vocab_size: int, num_threads: int, model_type: str,
+           character_coverage: float) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=training_sentences(texts),
         model_writer=model,
@@ -91,10 +124,6 @@ def train_tokenizer(
         num_threads=num_threads,
         minloglevel=2,
     )
-    temp_path = model_path.with_name(f"{model_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    temp_path.write_bytes(model.getvalue())
-    os.replace(temp_path, model_path)
-    return Tokenizer(model_path)
 
 
 def tokenizer_sha256(path: str | Path) -> str:

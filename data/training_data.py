@@ -111,7 +111,7 @@ def prepare_sources(config: DataConfig, *, vocab_size: int, progress: bool) -> N
         if not tokenizer_path.is_file():
             train_tokenizer_on_source(resolve_source(raw[0].path, text_field=raw[0].text_field), tokenizer_path,
                                       vocab_size=vocab_size, sample_bytes=FIRST_USE_TOKENIZER_SAMPLE_BYTES,
-                                      seed=config.split_seed)
+                                      seed=config.split_seed, vocab_key="model.vocab_size")
     for source in raw:
         preprocess(resolve_source(source.path, text_field=source.text_field), PreprocessOptions(
             output_dir=_prepared_folder(config, source, vocab_size), tokenizer_path=tokenizer_path,
