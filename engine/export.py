@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from engine.checkpoint import TAG_PATTERN, latest_tag
+from engine.checkpoint_commit import MANIFEST, damage_of
 from engine.errors import CheckpointError, first_line
 from model import ModelConfig, create_model
 
@@ -58,7 +59,38 @@ def resolve_checkpoint(path: str | Path, tag: str | None = None) -> Path:
     if not (folder / "run_config.json").is_file():
         raise CheckpointError(f"{folder} has no run_config.json: it was not written by this project's trainer, so "
                               "the model architecture is unknown")
+    check_rank_files(folder)
     return folder
+
+
+def check_rank_files(folder: Path) -> None:
+    """Every file the checkpoint was saved with is there: its manifest's list when it has one (this project's
+    trainer writes it), else one optimizer partition (and under ZeRO-3 one model-states file) per data-parallel
+    rank. Without this, a ZeRO-1/2 folder missing its optimizer files converted the module's low-precision copy
+    instead of the fp32 master weights, and exited 0."""
+    if (folder / MANIFEST).is_file():
+        problem = damage_of(folder)
+        if problem is not None:
+            raise CheckpointError(f"{folder} is incomplete: {problem} (its {MANIFEST} lists every file): copy the "
+                                  "whole folder again, or pick another checkpoint with --tag")
+        return
+    try:
+        stage = int(json.loads((folder / "ds_config.json").read_text())["zero_optimization"]["stage"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not written by this project's trainer: DeepSpeed's own reader reports what it misses
+    model_states = sorted(folder.glob("*model_states.pt"))
+    if stage == 0 or not model_states:
+        return
+    # mmap: reads the pickle's small header objects, not the tensors
+    header = torch.load(model_states[0], map_location="cpu", weights_only=True, mmap=True)
+    num_ranks = int(header.get("dp_world_size", 1)) if isinstance(header, dict) else 1
+    kinds = ["optim_states"] + (["model_states"] if stage == 3 else [])
+    missing = [f"zero_pp_rank_{rank}_mp_rank_00_{kind}.pt" for kind in kinds for rank in range(num_ranks)
+               if not any(folder.glob(f"*zero_pp_rank_{rank}_mp_rank_*_{kind}.pt"))]
+    if missing:
+        raise CheckpointError(f"{folder} is incomplete: a ZeRO-{stage} checkpoint of {num_ranks} rank(s) needs "
+                              f"{missing[0]}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}, which "
+                              "is missing: copy every rank's files, or pick another checkpoint with --tag")
 
 
 def load_model_config(folder: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
