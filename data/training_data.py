@@ -12,9 +12,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.catalog import CATALOG, DOWNLOADED_SHARDS, download_commands, find_entry
+from data.corpora.catalog import CATALOG, DOWNLOADED_SHARDS, download_commands, find_entry
 from data.config import DataConfig, DataSourceConfig
-from data.corpus import CORPORA
+from data.corpora.embedded import CORPORA
 from data.errors import DataError
 from data.mixture import MixtureSampler
 from data.prepare import PreparedData, prepare_data
@@ -22,7 +22,7 @@ from data.preprocess import TOKENIZER_FILE, PreprocessOptions, preprocess, read_
 from data.sampler import TokenWindows
 from data.shard_checks import check_tokenizer_fits, open_checked_shard
 from data.shards import TokenShardReader
-from data.sources import resolve_source
+from data.corpora.sources import resolve_source
 from data.tokenizer import Tokenizer, tokenizer_sha256
 from data.tokenizer_training import train_tokenizer_on_source
 

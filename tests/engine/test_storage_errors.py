@@ -49,7 +49,7 @@ def test_a_checkpoint_save_past_the_file_size_limit(tmp_path):
     before = snapshot(root)
     result = run_limited(f"""
         import torch
-        from engine.checkpoint import CheckpointManager
+        from engine.checkpoint.manager import CheckpointManager
         from engine.errors import CheckpointError
         from tests.engine.test_checkpoint_safety import FakeEngine
         engine = FakeEngine(None)
@@ -74,7 +74,7 @@ def test_an_export_past_the_file_size_limit(tmp_path):
     result = run_limited(f"""
         import torch
         from pathlib import Path
-        from engine.checkpoint import CheckpointManager, atomic_torch_save
+        from engine.checkpoint.manager import CheckpointManager, atomic_torch_save
         from engine.errors import CheckpointError
         manager = CheckpointManager({str(root)!r}, keep_last=3, run_record={{}})
         path = Path({str(root)!r}) / "final_model.pt"

@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 
-from engine.checkpoint_commit import MANIFEST, damage_of
+from engine.checkpoint.commit import MANIFEST, damage_of
 from tests.launcher.reliability_runs import clean_env, finish, run_args, snapshot, start, weights
 
 NAN_AT = 4

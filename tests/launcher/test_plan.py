@@ -1,17 +1,17 @@
-"""launcher/plan.py and launcher/report.py: layouts chosen for real hardware sizes, explicit values kept and
+"""launcher/planning/plan.py and launcher/planning/report.py: layouts chosen for real hardware sizes, explicit values kept and
 checked, useful errors when nothing fits, and a readable table for every preset."""
 from __future__ import annotations
 
 import pytest
 
 from launcher.config import build_run_config
-from launcher.hardware import (GIB, UNLIMITED, GpuInfo, HardwareError, MemoryBudget, detect_gpus, memory_budget,
+from launcher.planning.hardware import (GIB, UNLIMITED, GpuInfo, HardwareError, MemoryBudget, detect_gpus, memory_budget,
                                parse_memory_size)
-from launcher import plan as plan_module
-from launcher.memory import Layout, estimate_memory
-from launcher.plan import MAX_MICRO_BATCH, SAFETY_MARGIN, Plan, PlanError, choose_plan, evaluate_layouts
+from launcher.planning import plan as plan_module
+from launcher.planning.memory import Layout, estimate_memory
+from launcher.planning.plan import MAX_MICRO_BATCH, SAFETY_MARGIN, Plan, PlanError, choose_plan, evaluate_layouts
 from launcher.presets import PRESETS
-from launcher.report import render_candidates, render_plan
+from launcher.planning.report import render_candidates, render_plan
 
 WORKSTATION_HOST = 128 * GIB
 """Host RAM of the hypothetical machines below (a typical 4-GPU workstation)."""
@@ -248,7 +248,7 @@ def test_budget_is_a_plain_value():
 
 def test_fused_ssm_kernels_are_judged_for_the_mixer_being_trained(monkeypatch):
     """A Triton-only mamba-ssm (Mamba-2's kernels import, Mamba-1's CUDA ones do not) serves mamba2 only."""
-    from model import ssm_ops
+    from model.mamba import ssm_ops
 
     triton_only = {name: object() for name in ("mamba_split_conv1d_scan_combined", "mamba_chunk_scan_combined",
                                                "rmsnorm_fn", "causal_conv1d_fn")}
