@@ -143,7 +143,7 @@ def trainer_of(argv: list[str]):
     from engine.trainer import Trainer
     from launcher.config import build_run_config
     from launcher.ds_config import build_ds_config
-    from launcher.plan import choose_plan
+    from launcher.planning.plan import choose_plan
 
     overrides = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--set"]
     run = build_run_config(preset="tiny", overrides=overrides)
