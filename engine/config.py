@@ -187,6 +187,15 @@ class TrainingConfig(BaseModel):
             raise ValueError("; ".join(problems))
         return self
 
+    def warnings(self) -> list[str]:
+        """Settings that are valid but almost certainly not meant (the launcher prints them once)."""
+        found = []
+        if self.warmup_steps >= self.max_steps:
+            found.append(f"training.warmup_steps ({self.warmup_steps}) >= training.max_steps ({self.max_steps}): the "
+                         "learning rate is still warming up when training ends, so the cosine schedule never decays; "
+                         f"set training.warmup_steps below max_steps (e.g. {max(1, self.max_steps // 20)}, 5%)")
+        return found
+
     def checkpointed_blocks(self, num_layers: int) -> int | None:
         """Blocks of num_layers to recompute, from the first: true = all, false = 0, N = N; None for 'auto'
         (the launcher's memory plan chooses)."""

@@ -196,6 +196,9 @@ def run_command(argv: list[str], *, entry_script: str | None = None, trainer_cla
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if not launched_by_deepspeed():  # once, before ranks start (each rank runs this command again)
+        for warning in run.training.warnings():
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
 
     launched = launched_by_deepspeed()
     world_size = int(os.environ["WORLD_SIZE"]) if launched else run.num_gpus * hostfile_nodes(args.hostfile)

@@ -224,6 +224,21 @@ def test_converter_refuses_a_text_file_as_the_tokenizer(zero1_checkpoint, workdi
     check_one_error(code, capsys.readouterr().err, ["--tokenizer: notes.txt is not a SentencePiece model"])
 
 
+@pytest.mark.parametrize("warmup, max_steps, warned", [(5, 2, True), (2, 2, True), (1, 2, False)])
+def test_a_warmup_as_long_as_the_run_is_warned_about(workdir, capsys, warmup, max_steps, warned):
+    """Valid, but the schedule never decays: a warning, and the dry run still succeeds."""
+    from engine.schedule import WarmupCosine
+    from launcher.run import main
+
+    # The oracle: the schedule itself; it decays when the last step's lr is below the highest one.
+    multiplier = WarmupCosine(warmup_steps=warmup, max_steps=max_steps, min_lr_ratio=0.1)
+    factors = [multiplier(step) for step in range(max_steps)]  # the lr of steps 1 .. max_steps
+    assert (factors[-1] < max(factors)) == (not warned), factors
+    assert main([*run_args(Path("cache"), f"training.warmup_steps={warmup}", max_steps=max_steps), "--dry_run"]) == 0
+    err = capsys.readouterr().err
+    assert ("warning: training.warmup_steps" in err and "never decays" in err) == warned, err
+
+
 # SLURM's --time forms (sbatch(1)): "minutes:seconds", "hours:minutes:seconds", "days-hours",
 # "days-hours:minutes", "days-hours:minutes:seconds"; the seconds below are worked out by hand.
 DURATIONS = {"30:00": 30 * 60, "0:59": 59, "2:30:00": 2 * 3600 + 30 * 60, "1-12": 36 * 3600,
