@@ -8,6 +8,11 @@ import shutil
 from pathlib import Path
 
 
+START_OVER = ("set training.checkpoint_dir to a new folder to start over (training.resume=false alone is refused "
+              "while the folder holds checkpoints)")
+"""The advice that works for starting afresh: a run refuses to mix with an earlier run's checkpoints."""
+
+
 class TrainingError(RuntimeError):
     """A training problem the user can fix; the message names the file or key and the fix."""
 

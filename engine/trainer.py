@@ -23,7 +23,7 @@ from engine.checkpoint.manager import CheckpointManager, latest_tag
 from engine.numerics import GradNormProbe, check_finite_step, check_finite_val_loss, weights_finite
 from engine.signals import StopController
 from engine.config import TrainingConfig
-from engine.errors import CheckpointError, TrainingError
+from engine.errors import START_OVER, CheckpointError, TrainingError
 from engine.checkpoint.export import load_initial_weights
 from engine.faults import kill_point, poison_gradient_at
 from engine.metrics import MetricsLogger, peak_memory_bytes
@@ -147,7 +147,7 @@ class Trainer:
             self.source_positions = self.data.mixture.counts_after(self.step * global_batch)
         elif sorted(saved) != sorted(names):
             raise TrainingError(f"the checkpoint was trained on data sources {sorted(saved)} but data.sources now "
-                                f"names {sorted(names)}: resume with the same sources, or set training.resume=false")
+                                f"names {sorted(names)}: resume with the same sources, or {START_OVER}")
         else:
             self.source_positions = np.array([int(saved[name]) for name in names], dtype=np.int64)
 
@@ -317,7 +317,7 @@ class Trainer:
             raise CheckpointError(
                 f"{self.training.checkpoint_dir}: the checkpoint was trained with a global batch of {saved} "
                 f"sequences, this run has {now} (micro-batch {self.micro_batch} x accumulation {self.grad_accum} x "
-                f"{self.world_size} ranks): choose a split with the same product, or set training.resume=false")
+                f"{self.world_size} ranks): choose a split with the same product, or {START_OVER}")
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """The prompt as the model saw text in training: after a document boundary. The shards hold each document

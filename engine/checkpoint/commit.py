@@ -292,7 +292,7 @@ class CheckpointCommitter:
         if candidates:
             raise CheckpointError(
                 f"no complete checkpoint in {self.checkpoint_dir} (all of {', '.join(p.name for _, p in candidates)} "
-                "are damaged): move the folder away and set training.resume=false to start over")
+                "are damaged): move the folder away, or set training.checkpoint_dir to a new folder, to start over")
         return None
 
     def _check_loadable(self, folder: Path) -> str | None:
