@@ -97,6 +97,16 @@ def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error (several lines: context, problem, a caret under the text) as one line with the fix."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
+    problem = getattr(err, "problem", None) or (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if "'\\t'" in problem or "\t" in problem:
+        return f"a tab at {where}: YAML indents with spaces only; replace the tab with spaces"
+    return f"{problem} at {where}: check the indentation and the `key: value` form there"
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read one YAML config file into a plain tree."""
     path = Path(path)
@@ -107,7 +117,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        raise ConfigError(f"{path} is not valid YAML: {yaml_problem(err)}") from None
     if tree is None:
         return {}
     if not isinstance(tree, dict):

@@ -382,6 +382,7 @@ def load_initial_weights(model: torch.nn.Module, path: str | Path, config: Model
         raise CheckpointError(f"training.init_from: {path} holds another architecture; set {fixes} "
                               "(or use the YAML that convert_checkpoint.py --from_hf wrote beside it)")
     state = checkpoint["model_state_dict"]
+    check_weights({k: tuple(v.shape) for k, v in state.items()}, config, f"training.init_from: {path}")
     with torch.no_grad():
         for name, param in model.named_parameters():
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=hasattr(param, "ds_id")):

@@ -224,6 +224,44 @@ def test_converter_refuses_a_text_file_as_the_tokenizer(zero1_checkpoint, workdi
     check_one_error(code, capsys.readouterr().err, ["--tokenizer: notes.txt is not a SentencePiece model"])
 
 
+def test_a_tab_in_the_yaml_is_one_line_with_the_fix(workdir, capsys):
+    from launcher.run import main
+
+    (workdir / "tabbed.yaml").write_text("model:\n\td_model: 64\n")
+    check_one_error(main(["--config", "tabbed.yaml", "--dry_run"]), capsys.readouterr().err,
+                    ["tabbed.yaml is not valid YAML: a tab at line 2, column 1", "replace the tab with spaces"])
+
+
+def wrong_shape_pt(path: Path) -> None:
+    """A .pt of this project whose stored config is the small run's, with one weight of another shape."""
+    import torch
+
+    from launcher.config import build_run_config
+    from model import create_model
+
+    config = build_run_config(preset="tiny", overrides=small_run()[3::2]).model
+    state = create_model(config.model_type, config).state_dict()
+    state["layers.0.attn.wq.weight"] = torch.zeros(3, 5)
+    torch.save({"config": config.model_dump(), "model_state_dict": state}, path)
+
+
+def test_a_shape_mismatch_is_one_line(workdir, capsys, process_group):
+    """torch's load_state_dict error spans a line per mismatch; both ways in say it on one line."""
+    from engine.checkpoint.loading import load_trained_model
+    from engine.errors import CheckpointError
+    from launcher.exit_codes import report_errors
+
+    wrong_shape_pt(workdir / "wrong.pt")
+    with pytest.raises(CheckpointError) as raised:
+        load_trained_model(workdir / "wrong.pt")
+    assert "\n" not in str(raised.value) and "layers.0.attn.wq.weight is (3, 5) in the file" in str(raised.value)
+    with report_errors(debug=False) as outcome:
+        trainer_of(small_run("training.init_from=wrong.pt")).setup()
+        outcome.code = 0
+    check_one_error(outcome.code, capsys.readouterr().err,
+                    ["training.init_from: wrong.pt does not match its model config", "layers.0.attn.wq.weight"])
+
+
 @pytest.mark.parametrize("warmup, max_steps, warned", [(5, 2, True), (2, 2, True), (1, 2, False)])
 def test_a_warmup_as_long_as_the_run_is_warned_about(workdir, capsys, warmup, max_steps, warned):
     """Valid, but the schedule never decays: a warning, and the dry run still succeeds."""
