@@ -213,8 +213,12 @@ def run_command(argv: list[str], *, entry_script: str | None = None, trainer_cla
     try:
         check_device_support(run, device)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        if not args.dry_run:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        # A dry run trains nothing: it plans for the hardware it is given (--gpu_memory), not for this machine.
+        print(f"note: a training run on this machine would stop here ({err}); the dry run plans for the hardware "
+              "given", file=sys.stderr)
 
     from launcher.ds_config import build_ds_config, write_ds_config
 

@@ -262,6 +262,21 @@ def test_a_shape_mismatch_is_one_line(workdir, capsys, process_group):
                     ["training.init_from: wrong.pt does not match its model config", "layers.0.attn.wq.weight"])
 
 
+def test_a_dry_run_plans_fp16_for_a_gpu_on_a_machine_without_fp16(workdir, capsys, monkeypatch):
+    """The original's config.yaml (fp16) planned for a 24 GB GPU on a CPU machine: it trains nothing, so the
+    device's precision support is a note there, and an error only for a real run."""
+    from deepspeed.accelerator import get_accelerator
+
+    from launcher.run import main
+
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: False)  # whatever this CPU has
+    assert "fp16: true" in (REPO_ROOT / "config.yaml").read_text()
+    assert main(["--config", str(REPO_ROOT / "config.yaml"), "--dry_run", "--gpu_memory", "24GB"]) == 0
+    err = capsys.readouterr().err
+    assert "error:" not in err and "float16 training is not supported" in err, err
+    # Without --dry_run the same machine refuses before training (not run here: it would start to train on success).
+
+
 @pytest.mark.parametrize("warmup, max_steps, warned", [(5, 2, True), (2, 2, True), (1, 2, False)])
 def test_a_warmup_as_long_as_the_run_is_warned_about(workdir, capsys, warmup, max_steps, warned):
     """Valid, but the schedule never decays: a warning, and the dry run still succeeds."""
