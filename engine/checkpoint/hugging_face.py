@@ -49,6 +49,31 @@ def default_tokenizer_path(run_config: dict) -> Path:
     return cache_folder(DataConfig(**run_config["data"]), run_config["model"]["vocab_size"]) / "tokenizer.model"
 
 
+RUN_CONFIG_FILE = "run_config.json"
+"""Written into every Hugging Face export: marks the folder as this project's and keeps its run config."""
+
+
+def _keep_sentencepiece_whitespace(folder: Path) -> None:
+    """Make the exported tokenizer.json encode as the SentencePiece model does, and load as written.
+
+    SentencePiece (add_dummy_prefix) puts one "▁" before every text; transformers' LlamaTokenizer rebuilds its
+    pre-tokenizer as Metaspace(prepend_scheme="first"), which skips that "▁" when the text already starts with a
+    space: " x" became 2 ids instead of 3, "  a" lost a space. The legacy Llama tokenizer.json form (a Prepend +
+    Replace normalizer, no pre-tokenizer) matches SentencePiece exactly; the generic tokenizers class loads it
+    verbatim (LlamaTokenizer would rebuild the pre-tokenizer again), so tokenizer_config.json names that class.
+    """
+    path = folder / "tokenizer.json"
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    spec["pre_tokenizer"] = None
+    path.write_text(json.dumps(spec, ensure_ascii=False, indent=2), encoding="utf-8")
+    config_path = folder / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_path.read_text(encoding="utf-8"))
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(tokenizer_config, indent=2), encoding="utf-8")
+
+
 def write_hf_folder(folder: str | Path, out_dir: str | Path, *, tokenizer_path: str | Path | None = None,
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False) -> Path:
     """A transformers folder for checkpoint `folder` (see the module docstring)."""
@@ -83,7 +108,11 @@ def write_hf_folder(folder: str | Path, out_dir: str | Path, *, tokenizer_path: 
             raise CheckpointError(f"{tokenizer_path} has {len(tokenizer)} tokens but the model only "
                                   f"{config.vocab_size}: pass the run's own tokenizer with --tokenizer")
         tokenizer.save_pretrained(tmp)
+        _keep_sentencepiece_whitespace(tmp)
         shutil.rmtree(spm_dir)
+        # This project's own run config beside the transformers files (which ignore it): tools/evaluate.py reads
+        # the data settings and exact model config from it (engine/checkpoint/loading.py).
+        (tmp / RUN_CONFIG_FILE).write_text(json.dumps(run_config, indent=2, sort_keys=True) + "\n")
         write_safetensors_shards(iter(items), tmp, max_shard_bytes=max_shard_bytes, progress=progress,
                                  total=len(items))
     return Path(out_dir)

@@ -98,6 +98,16 @@ def _load_exported(folder: Path) -> LoadedModel:
     # safetensors shards; a transformers folder has config.json with `architectures`.
     own = folder / "model_config.json"
     config_json = json.loads((own if own.is_file() else folder / "config.json").read_text())
+    if "architectures" in config_json and (folder / "run_config.json").is_file():
+        # This project's own Hugging Face export (convert_checkpoint.py --to hf): its weights in our names, its
+        # run config (model and data) from the file the export writes; not "a model of another tokenizer".
+        from engine.checkpoint.hugging_face import read_hf_folder
+
+        run_config = json.loads((folder / "run_config.json").read_text())
+        _, state = read_hf_folder(folder)
+        config = ModelConfig(**run_config["model"])
+        return LoadedModel(model=_build(config, state, folder), model_config=config, kind="hf-export",
+                           source=folder, run_config=run_config)
     if "architectures" in config_json:  # a transformers folder: let transformers read it
         from transformers import AutoModelForCausalLM
 
