@@ -67,8 +67,9 @@ class Trainer:
         self.ds_config = ds_config
         self.run_record = run_record
         self.local_rank = local_rank
-        self.checkpoints = CheckpointManager(training.checkpoint_dir, keep_last=training.keep_last_checkpoints,
-                                             run_record=run_record)
+        self.checkpoints = CheckpointManager(
+            training.checkpoint_dir, keep_last=training.keep_last_checkpoints, run_record=run_record,
+            node_local=bool(ds_config.get("checkpoint", {}).get("use_node_local_storage", False)))
         self.engine = None
         self.step = 0
         self.best_val_loss = math.inf

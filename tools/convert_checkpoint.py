@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tag", help="checkpoint_step_N inside checkpoint_dir (default: its 'latest')")
     parser.add_argument("--to", choices=["pt", "safetensors", "hf", "universal"], help="output format")
     parser.add_argument("--output", help="output file (pt) or folder (safetensors, hf)")
-    parser.add_argument("--from_hf", metavar="FOLDER", help="import a transformers Llama/Mamba/Mamba2 folder as .pt")
+    parser.add_argument("--from_hf", metavar="FOLDER", help="import a transformers Llama/Mamba/Mamba2/Bamba folder as .pt")
     parser.add_argument("--tokenizer", help="SentencePiece .model for --to hf (default: the run's data cache)")
     parser.add_argument("--max_shard_size", type=parse_size, default="5GB",
                         help="split safetensors above this size (default 5GB, as the hub)")

@@ -7,8 +7,8 @@
 
 Scores the validation shards of the run's corpus and the standard sets fetched with
 `tools/benchmark.py --datasets-only` (WikiText-103 test, LAMBADA); generates from each prompt with the KV cache
-(Transformer) or the recurrent state (Mamba), starting after an eos as every training document does; reads the loss
-curves from the run's TensorBoard logs. Writes test_results/eval_<name>.json, .md and _loss.png.
+(Transformer), the recurrent state (Mamba) or both (hybrid), starting after an eos as every training document does;
+reads the loss curves from the run's TensorBoard logs. Writes test_results/eval_<name>.json, .md and _loss.png.
 The original project's `test_after_training.py --checkpoint` did this.
 """
 from __future__ import annotations
@@ -121,7 +121,8 @@ def evaluate(args: argparse.Namespace) -> dict:
                                    "`python tools/benchmark.py --datasets-only` on a machine with internet")
         report["sampling"] = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                               "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-                              "decoding": "KV cache" if config.model_type == "transformer" else "recurrent state"}
+                              "decoding": {"transformer": "KV cache", "hybrid": "KV cache + recurrent state"}.get(
+                                  config.model_type, "recurrent state")}
         report["samples"] = []
         for prompt in args.prompts or DEFAULT_PROMPTS:
             # Documents in the shards end with eos and none starts with bos: eos is what precedes a document.

@@ -4,7 +4,7 @@ Out: config.json (transformers' own config class, so `AutoModelForCausalLM.from_
 architecture), generation_config.json, safetensors weights under transformers' names (sharded with an index
 above a size limit) and the run's SentencePiece tokenizer converted by transformers' LlamaTokenizer into
 tokenizer.json, which `AutoTokenizer.from_pretrained` loads offline.
-In: a transformers Llama / Mamba / Mamba2 folder of a shape this project can express -> the original format
+In: a transformers Llama / Mamba / Mamba2 / Bamba folder of a shape this project can express -> the original format
 `.pt` ({'config', 'model_state_dict'}), which training continues from (see docs/checkpoints.md).
 transformers is imported only here, lazily: it is needed for these two directions and nothing else.
 """
@@ -145,8 +145,8 @@ def read_hf_folder(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Ten
             raise CheckpointError(f"{hf_dir}: weight {name!r} has no place in this project's "
                                   f"{config.model_type} model") from None
     for duplicate in tied_duplicates(config):  # written once by transformers when tie_word_embeddings is set
-        source = {"lm_head.weight": "tok_embeddings.weight" if config.model_type == "transformer"
-                  else "backbone.embedding.weight"}[duplicate]
+        source = {"lm_head.weight": "backbone.embedding.weight" if config.model_type == "mamba"
+                  else "tok_embeddings.weight"}[duplicate]
         state.setdefault(duplicate, state.get(source))
     state = {k: v for k, v in state.items() if v is not None}
     check_weights({k: tuple(v.shape) for k, v in state.items()}, config, str(hf_dir))

@@ -101,8 +101,9 @@ class CheckpointManager(CheckpointCommitter):
     engine/checkpoint/commit.py (CheckpointCommitter); this class adds the exports.
     """
 
-    def __init__(self, checkpoint_dir: str | Path, *, keep_last: int, run_record: dict[str, Any]):
-        super().__init__(checkpoint_dir, keep_last=keep_last, run_record=run_record)
+    def __init__(self, checkpoint_dir: str | Path, *, keep_last: int, run_record: dict[str, Any],
+                 node_local: bool = False):
+        super().__init__(checkpoint_dir, keep_last=keep_last, run_record=run_record, node_local=node_local)
 
     def export_model(self, engine, path: str | Path, *, model_config: dict[str, Any],
                      extra: dict[str, Any]) -> Path | None:

@@ -130,3 +130,22 @@ def test_the_transformers_peer_checkpoints_the_first_layers_only():
                     lambda *args, index=index, real=real, **kwargs: called.append(index) or real(*args, **kwargs))
         model(input_ids=torch.randint(0, 64, (1, 8))).logits.sum().backward()
         assert called == list(range(blocks))
+
+
+def test_the_hybrid_races_transformers_bamba(tmp_path, process_group):
+    """tiny_hybrid against BambaForCausalLM as the transformers contender; the FLOPs per token are the hybrid's."""
+    from engine.evaluation.step_timing import transformers_model
+
+    path = tmp_path / "hybrid.json"
+    small = [*SMALL_MODEL, "model.layer_pattern=MA", "model.d_state=16", "model.headdim=32", "model.chunk_size=32"]
+    overrides = [arg for item in small for arg in ("--set", item)]
+    assert throughput.main(["--preset", "tiny_hybrid", "--steps", "1", "--warmup", "0", "--micro_batch", "2",
+                            "--contenders", "plain,transformers", "--json", str(path), *overrides]) == 0
+    data = json.loads(path.read_text())
+    assert set(data["results"]) == {"plain", "transformers"}, data["errors"]
+    config = ModelConfig(model_type="hybrid", vocab_size=8192, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                         max_seq_len=64, layer_pattern="MA", d_state=16, headdim=32, chunk_size=32)
+    assert data["flops_per_token"] == family_costs("hybrid").training_flops_per_token(config, 64)
+    assert type(transformers_model(config)).__name__ == "BambaForCausalLM"
+    for result in data["results"].values():
+        assert abs(result["final_loss"] - math.log(8192)) < 0.5
