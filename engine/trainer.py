@@ -30,7 +30,8 @@ from engine.metrics import MetricsLogger, peak_memory_bytes
 from engine.param_groups import param_groups
 from engine.schedule import warmup_cosine_scheduler
 from engine.model_setup import build_model
-from model import ModelConfig, create_model
+from model import ModelConfig, create_model, sequence_parallel
+from model.losses import IGNORE_INDEX
 
 # Primes that decorrelate the per-step RNG seeds of different runs, steps and ranks.
 _STEP_SEED_PRIME, _RANK_SEED_PRIME = 1_000_003, 7919
@@ -93,10 +94,11 @@ class Trainer:
             # flushing them made the CPU Mamba scan ~7x faster (docs/machine_notes.md). GPUs flush already.
             torch.set_flush_denormal(True)
         torch.manual_seed(self.training.seed)
+        mpu = self._join_sequence_parallel_group()
         # ZeRO-3: partitioned while created; ZeRO 0-2 on CUDA: on the GPU in the training dtype (no host copy).
         model = build_model(self.model_config, ds_config=self.ds_config, precision=self.training.precision,
                             device=get_accelerator().current_device_name(),
-                            compiled=self.training.compile_blocks)
+                            compiled=self.training.compile_blocks, mpu=mpu)
         # The launcher resolves 'auto' to the plan's count; a Trainer built directly with 'auto' recomputes nothing.
         model.num_checkpointed_blocks = self.training.checkpointed_blocks(self.model_config.n_layers) or 0
         if self.training.init_from and not (self.training.resume and latest_tag(self.training.checkpoint_dir)):
@@ -105,13 +107,17 @@ class Trainer:
                 print(f"initialised from {self.training.init_from}", flush=True)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, self.training.weight_decay), config=self.ds_config,
+            mpu=mpu,
             lr_scheduler=warmup_cosine_scheduler(warmup_steps=self.training.warmup_steps,
                                                  max_steps=self.training.max_steps,
                                                  min_lr_ratio=self.training.min_lr_ratio))
         distributed.skip_single_rank_gradient_allreduce(self.engine)
         self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
         self.grad_accum = self.engine.gradient_accumulation_steps()
-        self.world_size = distributed.world_size()
+        # Ranks of one sequence-parallel group read the same samples: the data-parallel world is world / N, and
+        # tokens are counted once per sequence.
+        self.world_size = distributed.world_size() // self.sequence_parallel_size
+        self.data_rank = distributed.rank() // self.sequence_parallel_size
         self.tokens_per_step = self.micro_batch * self.grad_accum * self.world_size * seq_len
 
         if self.training.resume:
@@ -121,6 +127,41 @@ class Trainer:
                 self.step = int(state["step"])
                 self.best_val_loss = float(state.get("best_val_loss", math.inf))
                 self._restore_source_positions(state.get("data_positions"))
+
+    def _join_sequence_parallel_group(self):
+        """Split sequences over training.sequence_parallel consecutive ranks (the launcher resolves 'auto'); return
+        the mpu for deepspeed.initialize, whose sequence-data-parallel group ZeRO then partitions over, or None.
+
+        DeepSpeed's parallel_state_sp (ALST's module) builds the groups: consecutive ranks [i N, (i+1) N) form a
+        sequence-parallel group, so data-parallel rank = rank // N."""
+        value = self.training.sequence_parallel
+        self.sequence_parallel_size = value if isinstance(value, int) else 1
+        if self.sequence_parallel_size == 1:
+            sequence_parallel.set_sequence_parallel_group(None)
+            return None
+        from deepspeed.runtime.sequence_parallel import parallel_state_sp
+
+        world = distributed.world_size()
+        if world % self.sequence_parallel_size:
+            raise TrainingError(f"training.sequence_parallel={self.sequence_parallel_size} does not divide the "
+                                f"{world} ranks: choose a divisor of the rank count")
+        if self.model_config.max_seq_len % self.sequence_parallel_size:
+            raise TrainingError(f"model.max_seq_len={self.model_config.max_seq_len} does not split over "
+                                f"training.sequence_parallel={self.sequence_parallel_size} ranks: make it a multiple")
+        if parallel_state_sp._SEQUENCE_PARALLEL_GROUP is None:  # one process may build several trainers (tests)
+            parallel_state_sp.initialize_sequence_parallel(self.sequence_parallel_size)
+        elif parallel_state_sp.get_sequence_parallel_world_size() != self.sequence_parallel_size:
+            raise TrainingError("this process already built sequence-parallel groups of another size")
+        sequence_parallel.set_sequence_parallel_group(parallel_state_sp.get_sequence_parallel_group())
+        return parallel_state_sp
+
+    def _forward_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss of batch (B, T + 1): under sequence parallelism this rank runs its shard of every
+        row and the loss is the token-weighted mean over the group (model/sequence_parallel.py)."""
+        inputs = sequence_parallel.shard_sequence(batch[:, :-1])
+        targets = sequence_parallel.shard_sequence(batch[:, 1:])
+        _, loss = self.engine(inputs, targets=targets)
+        return sequence_parallel.group_mean_loss(loss, int((targets != IGNORE_INDEX).sum()))
 
     def _prepare_data(self) -> TrainingData:
         """Local rank 0 builds (or finds) the cache; then every rank opens it read-only."""
@@ -220,11 +261,11 @@ class Trainer:
 
     def forward_backward_step(self, micro_step: int) -> float:
         """Forward and backward of one micro-batch; `engine.step()` applies the update at the boundary."""
-        indices = sample_indices(step=self.step, micro_step=micro_step, rank=distributed.rank(),
+        indices = sample_indices(step=self.step, micro_step=micro_step, rank=self.data_rank,
                                  world_size=self.world_size, micro_batch=self.micro_batch,
                                  grad_accum=self.grad_accum)
         batch = self._train_batch(indices).to(self.engine.device, non_blocking=True)
-        _, loss = self.engine(batch[:, :-1], targets=batch[:, 1:])
+        loss = self._forward_loss(batch)
         self.engine.backward(loss)
         self.engine.step()
         return loss.item()
@@ -265,12 +306,13 @@ class Trainer:
         num_windows = min(len(windows), self.training.eval_batches * per_round)
         loss_sum, num_tokens = 0.0, 0
         for round_index in range(math.ceil(num_windows / per_round)):
-            first = round_index * per_round + distributed.rank() * self.micro_batch
+            first = round_index * per_round + self.data_rank * self.micro_batch
             mine = range(first, min(first + self.micro_batch, num_windows))
             # A rank with no window left still runs a forward: ZeRO-3 gathers parameters collectively.
             batch = windows.batch(mine if len(mine) else [0]).to(self.engine.device)
-            _, loss = self.engine(batch[:, :-1], targets=batch[:, 1:])
-            if len(mine):
+            loss = self._forward_loss(batch)
+            # Every rank of a sequence-parallel group holds the same window and group loss: count it once.
+            if len(mine) and sequence_parallel.rank() == 0:
                 tokens = batch[:, 1:].numel()
                 loss_sum += loss.item() * tokens
                 num_tokens += tokens

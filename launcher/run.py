@@ -320,6 +320,7 @@ def train(run: RunConfig, plan, ds_config: dict, args: argparse.Namespace, world
     training = run.training.model_copy(update={
         "batch_size": plan.micro_batch, "gradient_accumulation_steps": plan.grad_accum,
         "zero_stage": plan.zero_stage, "activation_checkpointing": plan.num_checkpointed_blocks,
+        "sequence_parallel": plan.sequence_parallel,
         "offload": "optimizer+params" if plan.offload_params else "optimizer" if plan.offload_optimizer else "none"})
     resolved = run.model_copy(update={"training": training})
     run_record = {"run_config": json.loads(resolved.model_dump_json()), "ds_config": ds_config,
@@ -331,7 +332,9 @@ def train(run: RunConfig, plan, ds_config: dict, args: argparse.Namespace, world
         num_params = count_parameters(run.model)
         print(f"training {args.preset or run.model_type}: {run.model_type} with {num_params / 1e6:,.1f}M parameters"
               f" on {world_size} {os.environ.get('DS_ACCELERATOR', 'cpu')} rank(s), ZeRO-{plan.zero_stage}, "
-              f"micro-batch {plan.micro_batch} x accumulation {plan.grad_accum}, {run.training.max_steps} steps, "
+              f"micro-batch {plan.micro_batch} x accumulation {plan.grad_accum}"
+              f"{f', sequences split over {plan.sequence_parallel} ranks' if plan.sequence_parallel > 1 else ''}, "
+              f"{run.training.max_steps} steps, "
               f"{run.training.precision}; checkpoints in {run.training.checkpoint_dir}", flush=True)
     trainer = (trainer_class or Trainer)(model_config=run.model, training=training, data=run.data,
                                          ds_config=ds_config, run_record=run_record, local_rank=local_rank)
