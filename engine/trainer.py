@@ -32,6 +32,7 @@ from engine.schedule import warmup_cosine_scheduler
 from engine.model_setup import build_model
 from model import ModelConfig, create_model, sequence_parallel
 from model.losses import IGNORE_INDEX
+from model.registry import family_costs
 
 # Primes that decorrelate the per-step RNG seeds of different runs, steps and ranks.
 _STEP_SEED_PRIME, _RANK_SEED_PRIME = 1_000_003, 7919
@@ -61,13 +62,17 @@ class Trainer:
     """Trains one model on one corpus with the DeepSpeed engine; every rank builds one."""
 
     def __init__(self, *, model_config: ModelConfig, training: TrainingConfig, data: DataConfig,
-                 ds_config: dict[str, Any], run_record: dict[str, Any], local_rank: int = 0):
+                 ds_config: dict[str, Any], run_record: dict[str, Any], local_rank: int = 0,
+                 peak_flops_per_s: float | None = None):
         self.model_config = model_config
         self.training = training
         self.data_config = data
         self.ds_config = ds_config
         self.run_record = run_record
         self.local_rank = local_rank
+        # One GPU's dense 16-bit peak (the launcher's table, launcher/gpu_specs.py); None (CPU, an unknown GPU, fp32):
+        # no MFU is logged.
+        self.peak_flops_per_s = peak_flops_per_s
         self.checkpoints = CheckpointManager(training.checkpoint_dir, keep_last=training.keep_last_checkpoints,
                                              run_record=run_record)
         self.engine = None
@@ -119,6 +124,13 @@ class Trainer:
         self.world_size = distributed.world_size() // self.sequence_parallel_size
         self.data_rank = distributed.rank() // self.sequence_parallel_size
         self.tokens_per_step = self.micro_batch * self.grad_accum * self.world_size * seq_len
+        # Model FLOPs of one training token as the family states them (model/*_costs.py), the MFU numerator; a
+        # family registered without a costs module logs no MFU.
+        try:
+            self.flops_per_token = family_costs(self.model_config.model_type).training_flops_per_token(
+                self.model_config, seq_len)
+        except ValueError:
+            self.flops_per_token = None
 
         if self.training.resume:
             state = self.checkpoints.load_latest(self.engine)
@@ -255,9 +267,14 @@ class Trainer:
         self.source_positions += np.bincount(self._step_sources[0], minlength=len(self.source_positions))
         grad_norm = self.engine.get_global_grad_norm()
         loss = distributed.all_reduce_mean(total / self.grad_accum, self.engine.device)
-        return {"loss": loss, "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-                "tokens_per_s": self.tokens_per_step / elapsed, "peak_memory_gb": peak_memory_bytes() / 2**30}
+        metrics = {"loss": loss, "lr": lr,
+                   "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                   "tokens_per_s": self.tokens_per_step / elapsed, "peak_memory_gb": peak_memory_bytes() / 2**30}
+        if self.peak_flops_per_s and self.flops_per_token:
+            # Every rank's peak: under sequence parallelism a token's FLOPs are shared by its group's ranks.
+            metrics["mfu"] = (metrics["tokens_per_s"] * self.flops_per_token
+                              / (self.peak_flops_per_s * distributed.world_size()))
+        return metrics
 
     def forward_backward_step(self, micro_step: int) -> float:
         """Forward and backward of one micro-batch; `engine.step()` applies the update at the boundary."""

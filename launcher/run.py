@@ -307,6 +307,19 @@ def own_gpu(ranks_per_node: int):
     return [GpuInfo(index=i, name=name, free_bytes=free, total_bytes=total) for i in range(ranks_per_node)]
 
 
+def gpu_peak_flops_per_s(precision: str) -> float | None:
+    """This rank's GPU's dense 16-bit peak from launcher/gpu_specs.py (None on CPU, for fp32, or an unknown GPU):
+    what the trainer's MFU divides by."""
+    import torch
+
+    from launcher.gpu_specs import peak_tflops
+
+    if not torch.cuda.is_available():
+        return None
+    tflops = peak_tflops(torch.cuda.get_device_name(), precision)
+    return tflops * 1e12 if tflops else None
+
+
 def train(run: RunConfig, plan, ds_config: dict, args: argparse.Namespace, world_size: int, *,
           trainer_class: type | None = None) -> int:
     if not launched_by_deepspeed():  # one process on its own: give DeepSpeed the environment a launcher would
@@ -337,7 +350,8 @@ def train(run: RunConfig, plan, ds_config: dict, args: argparse.Namespace, world
               f"{run.training.max_steps} steps, "
               f"{run.training.precision}; checkpoints in {run.training.checkpoint_dir}", flush=True)
     trainer = (trainer_class or Trainer)(model_config=run.model, training=training, data=run.data,
-                                         ds_config=ds_config, run_record=run_record, local_rank=local_rank)
+                                         ds_config=ds_config, run_record=run_record, local_rank=local_rank,
+                                         peak_flops_per_s=gpu_peak_flops_per_s(run.training.precision))
     try:
         result = trainer.train()
     except BaseException as err:
