@@ -112,3 +112,28 @@ def skip_single_rank_gradient_allreduce(engine) -> None:
     """
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         engine.enable_backward_allreduce = False
+
+
+def join_sequence_parallel_group(size: int):
+    """Split sequences over `size` consecutive ranks from now on (model/sequence_parallel.py); return the mpu to pass
+    to deepspeed.zero.Init and deepspeed.initialize, whose sequence-data-parallel group ZeRO partitions over and
+    whose data-parallel size the batch divides by; None (and no split) for size 1.
+
+    DeepSpeed's parallel_state_sp (ALST's module) builds the groups: ranks [i N, (i+1) N) form one sequence-parallel
+    group, so a rank's data-parallel index is rank // N."""
+    from model import sequence_parallel
+
+    if size == 1:
+        sequence_parallel.set_sequence_parallel_group(None)
+        return None
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp
+
+    if world_size() % size:
+        raise ValueError(f"training.sequence_parallel={size} does not divide the {world_size()} ranks: choose a "
+                         "divisor of the rank count")
+    if parallel_state_sp._SEQUENCE_PARALLEL_GROUP is None:  # one process may build several engines (tests, tools)
+        parallel_state_sp.initialize_sequence_parallel(size)
+    elif parallel_state_sp.get_sequence_parallel_world_size() != size:
+        raise ValueError("this process already built sequence-parallel groups of another size")
+    sequence_parallel.set_sequence_parallel_group(parallel_state_sp.get_sequence_parallel_group())
+    return parallel_state_sp

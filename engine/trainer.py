@@ -141,31 +141,16 @@ class Trainer:
                 self._restore_source_positions(state.get("data_positions"))
 
     def _join_sequence_parallel_group(self):
-        """Split sequences over training.sequence_parallel consecutive ranks (the launcher resolves 'auto'); return
-        the mpu for deepspeed.initialize, whose sequence-data-parallel group ZeRO then partitions over, or None.
-
-        DeepSpeed's parallel_state_sp (ALST's module) builds the groups: consecutive ranks [i N, (i+1) N) form a
-        sequence-parallel group, so data-parallel rank = rank // N."""
+        """Split sequences over training.sequence_parallel ranks (the launcher resolves 'auto'); the mpu or None."""
         value = self.training.sequence_parallel
         self.sequence_parallel_size = value if isinstance(value, int) else 1
-        if self.sequence_parallel_size == 1:
-            sequence_parallel.set_sequence_parallel_group(None)
-            return None
-        from deepspeed.runtime.sequence_parallel import parallel_state_sp
-
-        world = distributed.world_size()
-        if world % self.sequence_parallel_size:
-            raise TrainingError(f"training.sequence_parallel={self.sequence_parallel_size} does not divide the "
-                                f"{world} ranks: choose a divisor of the rank count")
         if self.model_config.max_seq_len % self.sequence_parallel_size:
             raise TrainingError(f"model.max_seq_len={self.model_config.max_seq_len} does not split over "
                                 f"training.sequence_parallel={self.sequence_parallel_size} ranks: make it a multiple")
-        if parallel_state_sp._SEQUENCE_PARALLEL_GROUP is None:  # one process may build several trainers (tests)
-            parallel_state_sp.initialize_sequence_parallel(self.sequence_parallel_size)
-        elif parallel_state_sp.get_sequence_parallel_world_size() != self.sequence_parallel_size:
-            raise TrainingError("this process already built sequence-parallel groups of another size")
-        sequence_parallel.set_sequence_parallel_group(parallel_state_sp.get_sequence_parallel_group())
-        return parallel_state_sp
+        try:
+            return distributed.join_sequence_parallel_group(self.sequence_parallel_size)
+        except ValueError as err:
+            raise TrainingError(str(err)) from None
 
     def _forward_loss(self, batch: torch.Tensor) -> torch.Tensor:
         """Mean next-token loss of batch (B, T + 1): under sequence parallelism this rank runs its shard of every
