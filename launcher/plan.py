@@ -251,6 +251,20 @@ def evaluate_layouts(model: ModelConfig, training: TrainingConfig, world_size: i
                 break
         if fitting is not None and blocks is None:
             checkpointed, best = _fewest_blocks(lambda n: estimate(fitting, n), budget, layers, best)
+            if training.sequence_parallel == "auto":
+                # Weighing sequence parallelism against recomputation: a micro-batch of long sequences keeps a GPU
+                # busy already, so a smaller one that recomputes fewer blocks is the faster layout.
+                for micro in (m for m in _micro_batches(model, training, data_parallel) if m < fitting):
+                    if checkpointed == 0:
+                        break
+                    at_all = estimate(micro, layers)
+                    if _fit_problem(at_all, budget):
+                        break
+                    fewer, trial = _fewest_blocks(lambda n, micro=micro: estimate(micro, n), budget, layers, at_all)
+                    if _fit_problem(estimate(micro, 0), budget) == "":
+                        fewer, trial = 0, estimate(micro, 0)
+                    if fewer < checkpointed:
+                        fitting, checkpointed, best = micro, fewer, trial
         candidates.append(Candidate(
             zero_stage=stage, offload=offload, num_checkpointed_blocks=checkpointed, num_layers=layers,
             micro_batch=fitting, estimate=best, note=problem, sequence_parallel=sequence_parallel,
