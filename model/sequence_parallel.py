@@ -5,8 +5,8 @@ same samples but only its N-th of each sequence: tokens [r T/N, (r+1) T/N) on gr
 token by token (embedding, norms, MLP, projections, the loss) runs unchanged on the shard. The mixers that need the
 whole sequence switch layout with an all-to-all, so that each rank holds the whole sequence for 1/N of the heads,
 and switch back afterwards:
-- `CausalSelfAttention` (model/transformer.py): q, k, v through DeepSpeed's `DistributedAttention`;
-- `Mamba2Mixer` (model/mamba_mixers.py): [x, B, C, dt] before the causal conv and the SSD scan, y after the scan
+- `CausalSelfAttention` (model/transformer/model.py): q, k, v through DeepSpeed's `DistributedAttention`;
+- `Mamba2Mixer` (model/mamba/mixers.py): [x, B, C, dt] before the causal conv and the SSD scan, y after the scan
   (the head-sharded layout Megatron-LM uses for Mamba context parallelism, NVIDIA/Megatron-LM#1437);
 - `Mamba1Mixer`: over channels, with one all-reduce for x_proj, whose output mixes every channel.
 Their constructors and forward signatures do not change: a family built from these classes (the Transformer, Mamba,

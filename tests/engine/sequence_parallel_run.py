@@ -27,11 +27,11 @@ MODELS = {
 
 def main() -> None:
     from engine import distributed
-    from engine.checkpoint import gather_fp32_state_dict
+    from engine.checkpoint.manager import gather_fp32_state_dict
     from engine.trainer import Trainer
     from launcher.config import build_run_config
     from launcher.ds_config import build_ds_config
-    from launcher.plan import choose_plan
+    from launcher.planning.plan import choose_plan
 
     family, data_cache, out_file, ckpt_dir, sp, micro_batch, max_steps, *resume = sys.argv[1:]
     distributed.init_distributed()

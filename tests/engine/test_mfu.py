@@ -9,8 +9,8 @@ from engine.metrics import MetricsLogger
 from engine.trainer import Trainer
 from launcher.config import build_run_config
 from launcher.ds_config import build_ds_config
-from launcher.model_sizes import training_flops_per_token
-from launcher.plan import choose_plan
+from launcher.planning.model_sizes import training_flops_per_token
+from launcher.planning.plan import choose_plan
 from tests.conftest import SMALL_MODEL
 
 
@@ -32,7 +32,7 @@ def test_mfu_is_model_flops_rate_over_the_peak_and_absent_without_one(tmp_path, 
     assert "mfu" not in trainer.train_step()  # CPU: no peak, no MFU
     trainer.peak_flops_per_s = 2e9  # as if this rank were a GPU of 2 GFLOP/s
     metrics = trainer.train_step()
-    # Oracle: the memory plan's path to the family's FLOPs (launcher/model_sizes.py), as tools/throughput.py uses.
+    # Oracle: the memory plan's path to the family's FLOPs (launcher/planning/model_sizes.py), as tools/throughput.py uses.
     expected = metrics["tokens_per_s"] * training_flops_per_token(run.model, run.model.max_seq_len) / 2e9
     assert metrics["mfu"] == pytest.approx(expected, rel=1e-12)
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.hardware import MemoryBudget
-from launcher.memory import Layout, estimate_memory
-from launcher.plan import PlanError, choose_plan
+from launcher.planning.hardware import MemoryBudget
+from launcher.planning.memory import Layout, estimate_memory
+from launcher.planning.plan import PlanError, choose_plan
 from launcher.presets import PRESETS
 from model import ModelConfig, sequence_parallel
 from tests.conftest import REPO_ROOT, run_two_ranks
