@@ -279,7 +279,8 @@ def make_plan(run: RunConfig, args: argparse.Namespace, world_size: int, run_nam
                 choose_plan(run.model, run.training, world_size, budget))
     except PlanError as err:
         if rank == 0:
-            print(render_candidates(err.candidates), file=sys.stderr)
+            if err.candidates:  # a refused setting (a sequence-parallel size that cannot split) evaluated none
+                print(render_candidates(err.candidates), file=sys.stderr)
             print(f"error: {err}", file=sys.stderr)
         return None
     except (HardwareError, ValueError, CheckpointError) as err:

@@ -387,6 +387,14 @@ def _nothing_fits_message(model: ModelConfig, training: TrainingConfig, world_si
             found = _fits(model, relaxed, world_size, budget)
             if found:
                 lines.append(f"- training.{key}={value}: {found.label} fits at micro-batch {found.micro_batch}")
+    if training.sequence_parallel != "auto" and world_size > 1:
+        try:
+            split = choose_plan(model, training.model_copy(update={"sequence_parallel": "auto"}), world_size, budget)
+            chosen = next(c for c in split.candidates if c.estimate is split.memory)
+            lines.append(f"- training.sequence_parallel=auto: each sequence split over {split.sequence_parallel} "
+                         f"ranks, {chosen.label} fits at micro-batch {split.micro_batch}")
+        except PlanError:
+            pass
     for more in (2, 4, 8, 16, 32, 64):  # more nodes like this one: host RAM per node stays as it is
         ranks = world_size * more
         found = _fits(model, training, ranks, budget)

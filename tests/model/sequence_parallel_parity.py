@@ -49,8 +49,10 @@ def compare(fields: dict, group) -> tuple[float, float]:
     torch.manual_seed(0)
     config = ModelConfig(**fields)
     family = config.model_type
-    model = create_model(family, config)  # fp32, as training runs on CPU
-    batch = torch.randint(0, config.vocab_size, (2, config.max_seq_len + 1))
+    # fp32; on CUDA (tools/gpu_check.sh, NCCL) each rank on its own GPU, the fused kernels under the split.
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    model = create_model(family, config).to(device)
+    batch = torch.randint(0, config.vocab_size, (2, config.max_seq_len + 1)).to(device)
     inputs, targets = batch[:, :-1], batch[:, 1:]
 
     _, reference_loss = model(inputs, targets)
