@@ -337,7 +337,7 @@ def _reason(best: Candidate, candidates: tuple[Candidate, ...], training: Traini
     if ahead:
         parts.append("faster layouts do not fit (" + "; ".join(f"{c.label}: {c.note}" for c in ahead[:3]) + ")")
     if len(best_per_size) > 1 or best.sequence_parallel > 1:
-        parts.append(_sequence_parallel_reason(best, best_per_size, training))
+        parts.append(_sequence_parallel_reason(best, best_per_size, training, candidates))
     if budget.gpu_bytes is None:
         parts = [f"{best.label} at micro-batch {best.micro_batch}: no memory limit given, so the fastest layout"]
     if fixed:
@@ -345,7 +345,8 @@ def _reason(best: Candidate, candidates: tuple[Candidate, ...], training: Traini
     return "; ".join(parts)
 
 
-def _sequence_parallel_reason(best: Candidate, best_per_size: list[Candidate], training: TrainingConfig) -> str:
+def _sequence_parallel_reason(best: Candidate, best_per_size: list[Candidate], training: TrainingConfig,
+                              candidates: tuple[Candidate, ...]) -> str:
     """What sequence parallelism traded: the estimated step time of the best layout at each size considered."""
     def cost(c: Candidate) -> str:
         return f"{c.label} at micro-batch {c.micro_batch}: ~{(c.relative_time - 1) * 100:.0f}% slower"
@@ -360,6 +361,9 @@ def _sequence_parallel_reason(best: Candidate, best_per_size: list[Candidate], t
     others = [c for c in best_per_size if c is not best]
     if training.sequence_parallel == "auto" and others:
         head += "; weighed against " + "; ".join(cost(c) for c in others)
+    unfit = sorted({c.sequence_parallel for c in candidates} - {c.sequence_parallel for c in best_per_size})
+    if unfit:
+        head += "; nothing fits " + ", ".join("unsplit" if n == 1 else f"split over {n}" for n in unfit)
     return head
 
 
