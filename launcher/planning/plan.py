@@ -265,6 +265,8 @@ def evaluate_layouts(model: ModelConfig, training: TrainingConfig, world_size: i
                         fewer, trial = 0, estimate(micro, 0)
                     if fewer < checkpointed:
                         fitting, checkpointed, best = micro, fewer, trial
+                if checkpointed == 0:
+                    continue  # recomputing nothing at a smaller micro-batch: the no-checkpointing layout's own row
         candidates.append(Candidate(
             zero_stage=stage, offload=offload, num_checkpointed_blocks=checkpointed, num_layers=layers,
             micro_batch=fitting, estimate=best, note=problem, sequence_parallel=sequence_parallel,
