@@ -305,12 +305,17 @@ def choose_plan(model: ModelConfig, training: TrainingConfig, world_size: int,
     options = sequence_parallel_options(model, training, world_size)
     per_size = [evaluate_layouts(model, training, world_size, budget, n) for n in options]
     candidates = tuple(c for group in per_size for c in group)
-    fitting = [group[[c.fits for c in group].index(True)] for group in per_size if any(c.fits for c in group)]
-    if not fitting:
+    if not any(c.fits for c in candidates):
         raise PlanError(_nothing_fits_message(model, training, world_size, budget, candidates), candidates)
-    # One sequence-parallel size: the order of evaluate_layouts. Several ('auto'): the best of each size, ranked
-    # by offload, then estimated step time, then the smaller size (module docstring).
-    best = min(fitting, key=lambda c: (_tier(c)[0], round(c.relative_time, 3), c.sequence_parallel))
+    if len(options) == 1:  # one sequence-parallel size: the order of evaluate_layouts
+        fitting = [next(c for c in candidates if c.fits)]
+    else:  # 'auto': by offload, then estimated step time, ZeRO 0-2 before 3, the smaller size (module docstring)
+        def speed(c: Candidate) -> tuple:
+            return _tier(c)[0], round(c.relative_time, 3), c.zero_stage == 3, c.sequence_parallel
+
+        fitting = [min((c for c in group if c.fits), key=speed) for group in per_size if any(c.fits for c in group)]
+    best = min(fitting, key=lambda c: (_tier(c)[0], round(c.relative_time, 3), c.zero_stage == 3,
+                                       c.sequence_parallel))
     data_parallel = world_size // best.sequence_parallel
     sequences = training.tokens_per_step / model.max_seq_len
     accum = training.gradient_accumulation_steps or max(1, round(sequences / (best.micro_batch * data_parallel)))
