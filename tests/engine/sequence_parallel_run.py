@@ -37,7 +37,8 @@ def main() -> None:
     distributed.init_distributed()
     world_size = distributed.world_size()
     run = build_run_config(preset="tiny" if family == "transformer" else "tiny_mamba", overrides=[
-        *MODELS[family], "training.zero_stage=1", f"training.sequence_parallel={sp}",
+        *MODELS[family], f"training.zero_stage={os.environ.get('SP_TEST_ZERO_STAGE', 1)}",
+        f"training.sequence_parallel={sp}",
         f"training.batch_size={micro_batch}", "training.gradient_accumulation_steps=1", "training.learning_rate=3e-3",
         "training.warmup_steps=1", f"training.max_steps={max_steps}", "training.save_interval=2",
         "training.eval_batches=2", f"training.resume={bool(resume)}", f"training.checkpoint_dir={ckpt_dir}",
