@@ -136,4 +136,24 @@ def join_sequence_parallel_group(size: int):
     elif parallel_state_sp.get_sequence_parallel_world_size() != size:
         raise ValueError("this process already built sequence-parallel groups of another size")
     sequence_parallel.set_sequence_parallel_group(parallel_state_sp.get_sequence_parallel_group())
-    return parallel_state_sp
+    return _SequenceParallelMpu(parallel_state_sp)
+
+
+class _SequenceParallelMpu:
+    """parallel_state_sp as DeepSpeed's mpu, saying that no tensor is split across ranks.
+
+    parallel_state_sp aliases the model-parallel size to the sequence-parallel one, and DeepSpeed 0.19.8 writes that
+    into every checkpoint as its tensor-parallel degree (engine.py _checkpoint_parallel_metadata) beside one
+    model-state file: ds_to_universal then refuses the checkpoint ("model-state file count 1 does not match
+    pp_degree=1 * tp_degree=2"), so it could not resume on another number of ranks. Everything else (the ranks
+    ZeRO's gradient norm counts, the groups) is parallel_state_sp's own."""
+
+    def __init__(self, state):
+        self._state = state
+
+    def __getattr__(self, name: str):
+        return getattr(self._state, name)
+
+    @staticmethod
+    def get_tensor_model_parallel_world_size() -> int:
+        return 1
