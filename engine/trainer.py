@@ -364,6 +364,7 @@ class Trainer:
         ids = self.prompt_ids(prompt)
         idx = torch.tensor([ids], dtype=torch.long, device=self.engine.device)
         torch.manual_seed(self.training.seed)
-        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k)
+        with sequence_parallel.sequence_parallel_disabled():  # rank 0 alone: the whole sequence, no collective
+            out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k)
         # A model may have more ids than its tokenizer (a padded vocabulary); those ids have no text.
         return prompt + self.tokenizer.decode(i for i in out[0, len(ids):].tolist() if i < self.tokenizer.vocab_size)
