@@ -42,6 +42,8 @@ def build_ds_config(run: RunConfig, plan: Plan, *, pin_memory: bool = False) -> 
         # small (measured: half the gradient norm at N = 2); its all-reduce path divides by the data-parallel size
         # only, as ZeRO 0-2 do (tests/engine/test_sequence_parallel_training.py).
         zero["reduce_scatter"] = False
+    if plan.zero_hpz_partition_size > 1:  # across nodes: launcher/planning/internode.py
+        zero["zero_hpz_partition_size"] = plan.zero_hpz_partition_size
     config: dict[str, Any] = {
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.micro_batch,
@@ -57,6 +59,8 @@ def build_ds_config(run: RunConfig, plan: Plan, *, pin_memory: bool = False) -> 
     }
     if training.grad_clip > 0:
         config["gradient_clipping"] = training.grad_clip
+    if training.node_local_checkpoints:  # each node's local rank 0 writes the model states (docs/multinode.md)
+        config["checkpoint"] = {"use_node_local_storage": True}
     return config
 
 

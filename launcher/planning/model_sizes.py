@@ -62,6 +62,18 @@ def layer_activation_bytes(m: ModelConfig, act_bytes: int, *, seq_len: int, on_c
                                                              fused_ssm_kernels=fused_ssm_kernels)
 
 
+def activation_bytes_per_layer(m: ModelConfig, act_bytes: int, *, seq_len: int, on_cuda: bool = True,
+                               fused_ssm_kernels: bool = True) -> list[int]:
+    """Bytes each block saves for backward per token, in block order: a family whose blocks differ (the hybrid's
+    attention and Mamba layers) states each; for the others every block is `layer_activation_bytes`."""
+    costs = family_costs(m.model_type)
+    if hasattr(costs, "activation_bytes_per_layer"):
+        return costs.activation_bytes_per_layer(m, act_bytes, seq_len=seq_len, on_cuda=on_cuda,
+                                                fused_ssm_kernels=fused_ssm_kernels)
+    return [layer_activation_bytes(m, act_bytes, seq_len=seq_len, on_cuda=on_cuda,
+                                   fused_ssm_kernels=fused_ssm_kernels)] * m.n_layers
+
+
 def layer_input_bytes(m: ModelConfig, act_bytes: int) -> int:
     """Bytes per token a checkpointed block keeps: its input."""
     return family_costs(m.model_type).layer_input_bytes(m, act_bytes)
@@ -96,7 +108,10 @@ def sequence_parallel_problem(m: ModelConfig, n: int) -> str:
     """'' when the family's mixers can split a sequence over n ranks, else why not."""
     if n <= 1:
         return ""
-    problem = family_costs(m.model_type).sequence_parallel_problem(m, n)
+    costs = family_costs(m.model_type)
+    if not hasattr(costs, "sequence_parallel_problem"):
+        return f"model type {m.model_type!r} states no sequence-parallel costs (see model/transformer/costs.py)"
+    problem = costs.sequence_parallel_problem(m, n)
     if not problem and m.max_seq_len % n:
         problem = f"model.max_seq_len={m.max_seq_len} does not divide into {n} shards"
     return problem
@@ -104,9 +119,9 @@ def sequence_parallel_problem(m: ModelConfig, n: int) -> str:
 
 def sequence_parallel_buffer_bytes(m: ModelConfig, act_bytes: int, n: int) -> int:
     """Per local token, one block's all-to-all send and receive buffers under n-way sequence parallelism."""
-    return family_costs(m.model_type).sequence_parallel_buffer_bytes(m, act_bytes, n)
+    return 0 if n <= 1 else family_costs(m.model_type).sequence_parallel_buffer_bytes(m, act_bytes, n)
 
 
 def sequence_parallel_traffic_bytes(m: ModelConfig, act_bytes: int, n: int) -> int:
     """Bytes one token sends to other ranks per training step under n-way sequence parallelism."""
-    return family_costs(m.model_type).sequence_parallel_traffic_bytes(m, act_bytes, n)
+    return 0 if n <= 1 else family_costs(m.model_type).sequence_parallel_traffic_bytes(m, act_bytes, n)

@@ -28,6 +28,9 @@ CASES = {
     "mamba2_two_groups": {"model_type": "mamba", "d_state": 16, "headdim": 16, "chunk_size": 8, "ngroups": 2,
                           **SMALL},
     "mamba1": {"model_type": "mamba", "ssm_type": "mamba1", "d_state": 8, **SMALL},
+    # Mamba-2 and GQA layers ("MMAM"): the hybrid family gets the split from the two mixer classes.
+    "hybrid": {"model_type": "hybrid", "layer_pattern": "MMAM", "n_layers": 4, "n_heads": 4, "n_kv_heads": 2,
+               "d_state": 16, "headdim": 16, "chunk_size": 8, **{k: v for k, v in SMALL.items() if k != "n_layers"}},
 }
 
 
