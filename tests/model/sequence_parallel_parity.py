@@ -28,6 +28,10 @@ CASES = {
     "mamba2_two_groups": {"model_type": "mamba", "d_state": 16, "headdim": 16, "chunk_size": 8, "ngroups": 2,
                           **SMALL},
     "mamba1": {"model_type": "mamba", "ssm_type": "mamba1", "d_state": 8, **SMALL},
+    # Every block recomputed in backward (non-reentrant checkpointing re-runs the all-to-alls).
+    "hybrid_checkpointed": {"model_type": "hybrid", "layer_pattern": "MMAM", "n_layers": 4, "n_heads": 4,
+                            "n_kv_heads": 2, "d_state": 16, "headdim": 16, "chunk_size": 8, "checkpointed": 4,
+                            **{k: v for k, v in SMALL.items() if k != "n_layers"}},
     # Mamba-2 and GQA layers ("MMAM"): the hybrid family gets the split from the two mixer classes.
     "hybrid": {"model_type": "hybrid", "layer_pattern": "MMAM", "n_layers": 4, "n_heads": 4, "n_kv_heads": 2,
                "d_state": 16, "headdim": 16, "chunk_size": 8, **{k: v for k, v in SMALL.items() if k != "n_layers"}},
@@ -50,11 +54,14 @@ def compare(fields: dict, group) -> tuple[float, float]:
     from model import ModelConfig, create_model, sequence_parallel
 
     torch.manual_seed(0)
+    fields = dict(fields)
+    checkpointed = fields.pop("checkpointed", 0)
     config = ModelConfig(**fields)
     family = config.model_type
     # fp32; on CUDA (tools/gpu_check.sh, NCCL) each rank on its own GPU, the fused kernels under the split.
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     model = create_model(family, config).to(device)
+    model.num_checkpointed_blocks = checkpointed  # recomputed in backward while training (the default mode)
     batch = torch.randint(0, config.vocab_size, (2, config.max_seq_len + 1)).to(device)
     inputs, targets = batch[:, :-1], batch[:, 1:]
 

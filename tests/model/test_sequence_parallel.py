@@ -19,9 +19,10 @@ GPUS_80GB = MemoryBudget(gpu_bytes=80 << 30, cpu_bytes=1000 << 30, ranks_per_nod
 @pytest.mark.slow
 def test_split_model_equals_unsplit_loss_and_every_gradient(tmp_path):
     """fp32, 2 ranks: GQA with 2 KV heads (one per rank) and MQA (the KV head replicated), Mamba-2 with one B/C group
-    (replicated) and with four (split), Mamba-1 over channels, the hybrid (Mamba-2 and GQA layers). The oracle is the
-    same model on whole sequences."""
-    cases = ["transformer_gqa", "transformer_mqa", "mamba2_one_group", "mamba2_four_groups", "mamba1", "hybrid"]
+    (replicated) and with four (split), Mamba-1 over channels, the hybrid (Mamba-2 and GQA layers), and the
+    hybrid with every block recomputed in backward. The oracle is the same model on whole sequences."""
+    cases = ["transformer_gqa", "transformer_mqa", "mamba2_one_group", "mamba2_four_groups", "mamba1", "hybrid",
+             "hybrid_checkpointed"]
     result = run_two_ranks(PARITY_SCRIPT, *cases, cwd=tmp_path, timeout=240)
     lines = {line.split()[0]: dict(part.split("=") for part in line.split()[1:])
              for line in result.stdout.splitlines() if "grad_diff=" in line}
