@@ -39,7 +39,7 @@ from engine import distributed
 from engine.checkpoint import universal
 from engine.errors import CheckpointError, UnsafeCheckpointError, first_line, is_storage_failure, storage_hint
 from engine.faults import kill_point, wrap_deepspeed_saves
-from engine.checkpoint.safe_load import verify_folder
+from engine.checkpoint.safe_load import check_tree, load_deepspeed_checkpoint, tag_folder
 
 TAG_PATTERN = re.compile(r"^checkpoint_step_(\d+)$")
 MANIFEST = "checkpoint_complete.json"
@@ -62,12 +62,13 @@ def list_checkpoint_tags(checkpoint_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def latest_tag(checkpoint_dir: str | Path) -> str | None:
-    """The tag DeepSpeed's `latest` file points to, if it exists and its folder is there."""
+    """The tag DeepSpeed's `latest` file points to, if it exists and its folder is there. A tag naming anything
+    but a folder directly inside checkpoint_dir is a CheckpointError (engine/checkpoint/safe_load.py tag_folder)."""
     latest = Path(checkpoint_dir) / "latest"
     if not latest.is_file():
         return None
     tag = latest.read_text().strip()
-    return tag if (Path(checkpoint_dir) / tag).is_dir() else None
+    return tag if tag_folder(checkpoint_dir, tag, source=str(latest)).is_dir() else None
 
 
 def damage_of(folder: Path) -> str | None:
@@ -163,7 +164,7 @@ class CheckpointCommitter:
                 "or move the old one away, or set training.resume=true to continue it")
         for leftover in root.glob(f"{TEMP_PREFIX}*"):  # a save killed before it was published
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
-        for leftover in root.glob(".*.pt.tmp"):  # an export killed before its rename
+        for leftover in [*root.glob(".*.pt.tmp"), *root.glob(".*.pt.partial-*")]:  # an export killed before its rename
             leftover.unlink(missing_ok=True)
 
     # ---- saving ------------------------------------------------------------------------------------------------
@@ -316,7 +317,7 @@ class CheckpointCommitter:
             if universal.needs_universal(folder, distributed.world_size()):  # saved by another number of ranks
                 path, client_state = universal.load_universal(engine, self.checkpoint_dir, folder.name)
             else:
-                path, client_state = engine.load_checkpoint(str(self.checkpoint_dir), tag=folder.name)
+                path, client_state = load_deepspeed_checkpoint(engine, self.checkpoint_dir, folder.name)
             if path is None:
                 raise CheckpointError(f"DeepSpeed could not load checkpoint {folder}: move it away to resume from "
                                       "the one before, or set training.checkpoint_dir to a new folder")
@@ -337,7 +338,7 @@ class CheckpointCommitter:
         elif not any(folder.glob("*model_states.pt")):
             return "no model_states file"
         try:
-            verify_folder(folder)
+            check_tree(folder)  # every pickle at any depth, the universal copy included
         except UnsafeCheckpointError:
             raise
         except CheckpointError as err:
@@ -375,7 +376,7 @@ class CheckpointCommitter:
                 "copy every node's checkpoint_step_N into one folder on a shared file system (the nodes hold disjoint "
                 "files), set checkpoint_dir to it and training.node_local_checkpoints=false; the resume then goes "
                 "through DeepSpeed's universal checkpoint")
-        path, client_state = engine.load_checkpoint(str(self.checkpoint_dir), tag=folder.name)
+        path, client_state = load_deepspeed_checkpoint(engine, self.checkpoint_dir, folder.name)
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {folder}: move it away to resume from the one "
                                   "before, or set training.checkpoint_dir to a new folder")

@@ -17,11 +17,13 @@ from pathlib import Path
 import torch
 
 from data.errors import DataError
+from data.output import check_output, name_matcher, staged_output
 from data.tokenizer import Tokenizer
 from engine.errors import CheckpointError
 from engine.checkpoint.export import (DEFAULT_MAX_SHARD_BYTES, check_weights, iter_fp32_weights, load_model_config,
-                           read_safetensors_folder, resolve_checkpoint, staged_output, tied_duplicates,
-                           write_safetensors_shards)
+                                      read_safetensors_folder, resolve_checkpoint, tied_duplicates,
+                                      write_safetensors_shards)
+from engine.checkpoint.safe_load import load_weights_file
 from model import ModelConfig
 from model.hf_interop import hf_mapping, model_config_from_hf
 
@@ -47,6 +49,13 @@ def default_tokenizer_path(run_config: dict) -> Path:
     from data.prepare import cache_folder
 
     return cache_folder(DataConfig(**run_config["data"]), run_config["model"]["vocab_size"]) / "tokenizer.model"
+
+
+HF_FOLDER_FILES = name_matcher(r"config\.json", r"generation_config\.json", r"tokenizer(?:_config)?\.json",
+                               r"special_tokens_map\.json", r"tokenizer\.model", r"added_tokens\.json",
+                               r"chat_template\.jinja", r"model\.safetensors", r"model-\d+-of-\d+\.safetensors",
+                               r"model\.safetensors\.index\.json", r"run_config\.json")
+"""The files write_hf_folder (transformers' save_pretrained) puts in its folder."""
 
 
 RUN_CONFIG_FILE = "run_config.json"
@@ -75,10 +84,15 @@ def _keep_sentencepiece_whitespace(folder: Path) -> None:
 
 
 def write_hf_folder(folder: str | Path, out_dir: str | Path, *, tokenizer_path: str | Path | None = None,
-                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False) -> Path:
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False,
+                    overwrite: bool = False) -> Path:
     """A transformers folder for checkpoint `folder` (see the module docstring)."""
     transformers = _transformers()
+    source = folder
     folder = resolve_checkpoint(folder)
+    output_rules = dict(overwrite=overwrite, inputs=[source, folder, *([tokenizer_path] if tokenizer_path else [])],
+                        owned=HF_FOLDER_FILES, folder=True)
+    check_output(out_dir, **output_rules)  # refused before anything is read
     config, run_config = load_model_config(folder)
     tokenizer_path = Path(tokenizer_path) if tokenizer_path else default_tokenizer_path(run_config)
     if not tokenizer_path.is_file():
@@ -93,8 +107,7 @@ def write_hf_folder(folder: str | Path, out_dir: str | Path, *, tokenizer_path: 
         architectures=[mapping.architecture])
     skip = tied_duplicates(config)  # transformers re-ties lm_head from tie_word_embeddings
     items = [(mapping.to_hf_name(n), load) for n, load in iter_fp32_weights(folder, config) if n not in skip]
-    with staged_output(out_dir) as tmp:
-        tmp.mkdir()
+    with staged_output(out_dir, **output_rules) as tmp:
         hf_config.save_pretrained(tmp)
         transformers.GenerationConfig(bos_token_id=_BOS_ID, eos_token_id=_EOS_ID, do_sample=True, temperature=0.8,
                                       top_k=50).save_pretrained(tmp)
@@ -134,7 +147,7 @@ def read_hf_folder(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Ten
     if any(hf_dir.glob("model*.safetensors")):
         hf_state = read_safetensors_folder(hf_dir)
     elif (hf_dir / "pytorch_model.bin").is_file():
-        hf_state = torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        hf_state = load_weights_file(hf_dir / "pytorch_model.bin")
     else:
         raise CheckpointError(f"{hf_dir} has no weights (model.safetensors, its index, or pytorch_model.bin)")
     state = {}
@@ -153,10 +166,11 @@ def read_hf_folder(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Ten
     return config, state
 
 
-def import_hf_folder(hf_dir: str | Path, out_path: str | Path) -> Path:
+def import_hf_folder(hf_dir: str | Path, out_path: str | Path, *, overwrite: bool = False) -> Path:
     """Write a transformers folder as this project's original-format `.pt`."""
+    check_output(out_path, overwrite=overwrite, inputs=[hf_dir])  # refused before anything is read
     config, state = read_hf_folder(hf_dir)
-    with staged_output(out_path) as tmp:
+    with staged_output(out_path, overwrite=overwrite, inputs=[hf_dir]) as tmp:
         torch.save({"config": config.model_dump(), "model_state_dict": state, "step": 0,
                     "source": str(Path(hf_dir).resolve())}, tmp)
     return Path(out_path)

@@ -59,7 +59,8 @@ def render_plan(plan: Plan, model: ModelConfig, training: TrainingConfig, *, nam
     title = (f"Memory plan{' for ' + name if name else ''}: {model.model_type}, {_count(num_params)} parameters, "
              f"{training.precision}, sequence {model.max_seq_len}, {plan.world_size} rank(s){layout}")
     chosen = next((c for c in plan.candidates if c.fits and c.zero_stage == plan.zero_stage
-                   and c.offload == plan.offload and c.num_checkpointed_blocks == plan.num_checkpointed_blocks),
+                   and c.offload == plan.offload and c.num_checkpointed_blocks == plan.num_checkpointed_blocks
+                   and c.sequence_parallel == plan.sequence_parallel),
                   None)
     lines = [title, _budget_line(plan.budget), *([f"Nodes: {plan.nodes_description}"] if plan.nodes_description
                                                  else []), "",

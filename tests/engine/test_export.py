@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from data.output import staged_output
 from engine.checkpoint import export, hugging_face as hf_export
 from model import ModelConfig, create_model
 from tests.conftest import REPO_ROOT, run_job, run_two_ranks
@@ -67,7 +68,7 @@ def check_pt_and_safetensors(folder: Path, tmp_path: Path) -> None:
     reloaded = export.load_safetensors_model(st_dir)
     assert_equal_to_live(reloaded.state_dict(), folder)
     assert reloaded.config == model.config
-    assert not list(tmp_path.glob(".*partial"))
+    assert not list(tmp_path.glob(".*partial*"))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS_WS1)
@@ -182,17 +183,17 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(trained_ws1, tmp_path, 
         assert convert_checkpoint.main([*argv, "--output", str(out)]) == 2, message
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and "Traceback" not in err, err
-        assert not out.exists() and not list(tmp_path.glob(".*partial")), message
+        assert not out.exists() and not list(tmp_path.glob(".*partial*")), message
 
 
 def test_a_failed_write_leaves_nothing_and_keeps_an_earlier_output(tmp_path):
     target = tmp_path / "model.pt"
     target.write_bytes(b"earlier")
     with pytest.raises(RuntimeError):
-        with export.staged_output(target) as tmp:
+        with staged_output(target, overwrite=True) as tmp:
             tmp.write_bytes(b"half")
             raise RuntimeError("disk full")
-    assert target.read_bytes() == b"earlier" and not list(tmp_path.glob(".*partial"))
+    assert target.read_bytes() == b"earlier" and not list(tmp_path.glob(".*partial*"))
 
 
 def test_command_line_end_to_end(trained_ws1, tmp_path):
