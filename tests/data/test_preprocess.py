@@ -199,7 +199,7 @@ def test_an_in_place_interrupted_run_of_an_earlier_version_resumes(tmp_path, sma
     (the folder holds only a shard set's files), to the bytes of an uninterrupted run."""
     source = resolve_source(str(write_jsonl(tmp_path / "c.jsonl", make_documents(150, seed=3))))
     preprocess(source, options(tmp_path / "straight", small_tokenizer))
-    real = preprocess_module.iter_documents
+    real = preprocess_module.iter_rows
 
     def dies_after_100(source, *, skip=0):
         for count, text in enumerate(real(source, skip=skip)):
@@ -207,11 +207,11 @@ def test_an_in_place_interrupted_run_of_an_earlier_version_resumes(tmp_path, sma
                 raise KeyboardInterrupt("simulated Ctrl+C")
             yield text
 
-    monkeypatch.setattr(preprocess_module, "iter_documents", dies_after_100)
+    monkeypatch.setattr(preprocess_module, "iter_rows", dies_after_100)
     with pytest.raises(KeyboardInterrupt):
         preprocess(source, options(tmp_path / "old", small_tokenizer))
     (tmp_path / ".old.partial").rename(tmp_path / "old")  # where an earlier version kept it
-    monkeypatch.setattr(preprocess_module, "iter_documents", real)
+    monkeypatch.setattr(preprocess_module, "iter_rows", real)
     preprocess(source, options(tmp_path / "old", small_tokenizer))
     assert snapshot_shards(tmp_path / "old") == snapshot_shards(tmp_path / "straight")
     assert not (tmp_path / ".old.partial").exists()
