@@ -51,6 +51,14 @@ def build_ds_config(run: RunConfig, plan: Plan, *, pin_memory: bool = False) -> 
     }
     if training.grad_clip > 0:
         config["gradient_clipping"] = training.grad_clip
+    if training.optimizer == "muon":
+        # DeepSpeed's Muon is passed as a client optimizer built from the project's parameter groups
+        # (engine/optimizer.py says why), so the config names no optimizer: DeepSpeed refuses one in both places.
+        del config["optimizer"]
+        if plan.zero_stage == 3:
+            # ZeRO-3 orthogonalizes full gradients it all-gathers itself; stage3.py raises "Muon and reduce
+            # scatter cannot be used together" otherwise (DeepSpeed 0.19.8).
+            zero["reduce_scatter"] = False
     return config
 
 
