@@ -8,8 +8,8 @@ from __future__ import annotations
 import importlib
 
 _LOCATIONS = {
-    "CORPORA": "data.corpus", "CorpusEntry": "data.corpus", "CorpusSplit": "data.corpus",
-    "list_corpora": "data.corpus", "load_corpus": "data.corpus", "split_documents": "data.corpus",
+    **dict.fromkeys(["CORPORA", "CorpusEntry", "CorpusSplit", "list_corpora", "load_corpus", "split_documents"],
+                    "data.corpora.embedded"),
     "CorruptShardError": "data.shards", "TokenShardReader": "data.shards", "TokenShardWriter": "data.shards",
     "DataConfig": "data.config", "DataError": "data.errors",
     "PreparedData": "data.prepare", "cache_folder": "data.prepare", "load_prepared": "data.prepare",

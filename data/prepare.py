@@ -13,7 +13,7 @@ import sentencepiece
 from tqdm import tqdm
 
 from data.config import DataConfig
-from data.corpus import load_corpus
+from data.corpora.embedded import load_corpus
 from data.shards import TokenShardWriter
 from data.tokenizer import Tokenizer, train_tokenizer
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from data.errors import DataError
 from data.shards import TokenShardWriter, token_dtype
-from data.sources import DocumentSource, check_hub_reachable, iter_documents
+from data.corpora.sources import DocumentSource, check_hub_reachable, iter_documents
 from data.tokenizer import Tokenizer
 
 SHARD_SET_FORMAT = "rag-transformer-shards"

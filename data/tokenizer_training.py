@@ -7,7 +7,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from data.errors import DataError
-from data.sources import DocumentSource, iter_documents
+from data.corpora.sources import DocumentSource, iter_documents
 from data.tokenizer import Tokenizer, train_tokenizer
 
 # A share of CJK ideographs above this marks the corpus as Chinese-like (a rich character set).

@@ -20,7 +20,7 @@ from data.preprocess import TOKENIZER_FILE, PreprocessOptions, preprocess, read_
 from data.sampler import TokenWindows
 from data.shard_checks import check_tokenizer_fits, open_checked_shard
 from data.shards import TokenShardReader
-from data.sources import resolve_source
+from data.corpora.sources import resolve_source
 from data.tokenizer import Tokenizer, tokenizer_sha256
 from data.tokenizer_training import train_tokenizer_on_source
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from engine.checkpoint_commit import latest_tag
+from engine.checkpoint.commit import latest_tag
 from engine.errors import NonFiniteError
 
 NONFINITE_EXIT_CODE = 3

@@ -19,12 +19,12 @@ from deepspeed.accelerator import get_accelerator
 from data import DataConfig, sample_indices
 from data.training_data import TrainingData, open_training_data, prepare_sources
 from engine import distributed
-from engine.checkpoint import CheckpointManager, latest_tag
+from engine.checkpoint.manager import CheckpointManager, latest_tag
 from engine.numerics import check_finite_step
 from engine.signals import StopController
 from engine.config import TrainingConfig
 from engine.errors import CheckpointError, TrainingError
-from engine.export import load_initial_weights
+from engine.checkpoint.export import load_initial_weights
 from engine.faults import kill_point
 from engine.metrics import MetricsLogger, peak_memory_bytes
 from engine.optimizer import muon_optimizer

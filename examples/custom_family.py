@@ -7,7 +7,7 @@ A family is an nn.Module built as Class(ModelConfig) whose forward(idx, targets=
 whose generate() samples (model/sampling.py's decode loop). The memory plan reads its parameter shapes from the
 model built on the meta device; the per-token costs (bytes a block saves for backward, FLOPs) are the family's
 own facts, stated in a `costs` module named by its ModelEntry (here this file; the built-in families use
-model/transformer_costs.py and model/mamba_costs.py, which list the functions a costs module provides).
+model/transformer/costs.py and model/mamba/costs.py, which list the functions a costs module provides).
 """
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
-"""Which presets fit on which hardware: the memory plan (launcher/plan.py) run for every preset and GPU count."""
+"""Which presets fit on which hardware: the memory plan (launcher/planning/plan.py) run for every preset and GPU count."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from launcher.config import build_run_config
-from launcher.hardware import MemoryBudget, format_bytes
-from launcher.plan import PlanError, choose_plan
+from launcher.planning.hardware import MemoryBudget, format_bytes
+from launcher.planning.plan import PlanError, choose_plan
 from launcher.presets import PRESETS
 
 

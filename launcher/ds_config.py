@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config import RunConfig
-from launcher.memory import DEEPSPEED_BUCKET_ELEMENTS
-from launcher.plan import Plan
+from launcher.planning.memory import DEEPSPEED_BUCKET_ELEMENTS
+from launcher.planning.plan import Plan
 
 
 def build_ds_config(run: RunConfig, plan: Plan, *, pin_memory: bool = False) -> dict[str, Any]:
@@ -30,7 +30,7 @@ def build_ds_config(run: RunConfig, plan: Plan, *, pin_memory: bool = False) -> 
             # through by DeepSpeed's torch_adam path; as fast as DeepSpeed's FusedAdam without its nvcc JIT build.
             # CPU keeps the foreach implementation it always ran (the CPU path stays bit-identical).
             optimizer_params["fused"] = True
-    # Bucket sizes and ZeRO-3 limits: the values launcher/memory.py's estimate assumes, defined there only.
+    # Bucket sizes and ZeRO-3 limits: the values launcher/planning/memory.py's estimate assumes, defined there only.
     zero: dict[str, Any] = {"stage": plan.zero_stage, **DEEPSPEED_BUCKET_ELEMENTS}
     if plan.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin_memory}

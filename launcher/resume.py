@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.checkpoint_commit import MANIFEST, damage_of, list_checkpoint_tags
+from engine.checkpoint.commit import MANIFEST, damage_of, list_checkpoint_tags
 from engine.errors import CheckpointError
 from launcher.config import ConfigError, RunConfig
 
@@ -166,7 +166,7 @@ def plan_resumed_run(run: RunConfig, point: ResumePoint, world_size: int, budget
     `world_size` ranks chosen for memory. Prints the harmless differences (when `report`)."""
     import sys
 
-    from launcher.plan import choose_plan
+    from launcher.planning.plan import choose_plan
 
     pinned, warnings = pin_to_checkpoint(run, point)
     if report:

@@ -71,7 +71,7 @@ def print_models() -> None:
 
 
 def print_datasets() -> None:
-    from data.catalog import format_catalog
+    from data.corpora.catalog import format_catalog
 
     print("\n".join(format_catalog()))
     print("\nrecommend a mixture: python tools/list_datasets.py --recommend 1B [--lang en|zh|mix]")
@@ -251,12 +251,12 @@ def make_plan(run: RunConfig, args: argparse.Namespace, world_size: int, run_nam
     Under a launcher every rank plans: each measures its own GPU, and the process group (started here, the
     trainer reuses it) agrees on the smallest figures, so all ranks choose the same plan.
     """
-    from launcher.hardware import (HardwareError, agree_across_ranks, detect_gpus, detect_gpus_in_subprocess,
+    from launcher.planning.hardware import (HardwareError, agree_across_ranks, detect_gpus, detect_gpus_in_subprocess,
                                    memory_budget, parse_memory_size)
     from engine.errors import CheckpointError
-    from launcher.plan import PlanError, choose_plan
+    from launcher.planning.plan import PlanError, choose_plan
     from launcher.resume import find_resume_point, plan_resumed_run
-    from launcher.report import render_candidates, render_plan
+    from launcher.planning.report import render_candidates, render_plan
 
     rank = int(os.environ.get("RANK", 0))
     ranks_per_node = local_ranks(run.num_gpus if not launched else world_size)
@@ -296,7 +296,7 @@ def own_gpu(ranks_per_node: int):
     agree_across_ranks then takes the smallest over all ranks. [] without CUDA."""
     import torch
 
-    from launcher.hardware import GpuInfo
+    from launcher.planning.hardware import GpuInfo
 
     if not torch.cuda.is_available():
         return []
@@ -326,7 +326,7 @@ def train(run: RunConfig, plan, ds_config: dict, args: argparse.Namespace, world
                   "version": code_version()}
     local_rank = args.local_rank if args.local_rank is not None else int(os.environ.get("LOCAL_RANK", 0))
     if int(os.environ.get("RANK", 0)) == 0:
-        from launcher.model_sizes import count_parameters
+        from launcher.planning.model_sizes import count_parameters
 
         num_params = count_parameters(run.model)
         print(f"training {args.preset or run.model_type}: {run.model_type} with {num_params / 1e6:,.1f}M parameters"

@@ -4,7 +4,7 @@
 A checkpointed block keeps only its input; its activations are recomputed when the backward pass reaches it. The
 first blocks are the ones checkpointed because the backward pass reaches them last: by the time they are
 recomputed, the saved activations of every later block have been freed, so one recomputed block costs no more
-than one kept block (launcher/memory.py activation_bytes counts the two moments).
+than one kept block (launcher/planning/memory.py activation_bytes counts the two moments).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """One door between this project's model families and Hugging Face `transformers` architectures.
 
-Each family states its own mapping beside its code (model/transformer_hf.py, model/mamba.py); this module only
+Each family states its own mapping beside its code (model/transformer/hf.py, model/mamba/hf.py); this module only
 picks the family: Transformer <-> LlamaForCausalLM, Mamba-2 <-> Mamba2ForCausalLM, Mamba-1 <-> MambaForCausalLM.
 transformers is not imported here (it is needed only to load the result).
 """
@@ -11,7 +11,8 @@ from typing import Any, Callable
 
 from torch import Tensor
 
-from model import mamba, transformer_hf
+from model.mamba import hf as mamba_hf
+from model.transformer import hf as transformer_hf
 from model.config import ModelConfig
 
 
@@ -35,11 +36,11 @@ SUPPORTED_HF_TYPES = {"llama": ("LlamaForCausalLM", "LlamaConfig"), "mamba2": ("
 
 
 def _mamba_to_hf_name(name: str) -> str:
-    return next(iter(mamba.to_transformers_state_dict({name: None})))
+    return next(iter(mamba_hf.to_transformers_state_dict({name: None})))
 
 
 def _mamba_from_hf_name(name: str) -> str:
-    return next(iter(mamba.from_transformers_state_dict({name: None})))
+    return next(iter(mamba_hf.from_transformers_state_dict({name: None})))
 
 
 def hf_mapping(config: ModelConfig) -> HFMapping:
@@ -51,7 +52,7 @@ def hf_mapping(config: ModelConfig) -> HFMapping:
         hf_type = "mamba2" if config.ssm_type == "mamba2" else "mamba"
         architecture, config_class = SUPPORTED_HF_TYPES[hf_type]
         return HFMapping(architecture=architecture, config_class=config_class,
-                         config_kwargs=mamba.transformers_config_kwargs(config), to_hf_name=_mamba_to_hf_name)
+                         config_kwargs=mamba_hf.transformers_config_kwargs(config), to_hf_name=_mamba_to_hf_name)
     raise ValueError(f"model_type {config.model_type!r} has no transformers counterpart")
 
 
@@ -64,7 +65,7 @@ def model_config_from_hf(hf_config: dict[str, Any]) -> tuple[ModelConfig, Callab
                          f"{', '.join(sorted(SUPPORTED_HF_TYPES))} ({', '.join(a for a, _ in SUPPORTED_HF_TYPES.values())})")
     if hf_type == "llama":
         return transformer_hf.model_config_from_transformers(hf_config), transformer_hf.from_transformers_name
-    return mamba.model_config_from_transformers(hf_config), _mamba_from_hf_name
+    return mamba_hf.model_config_from_transformers(hf_config), _mamba_from_hf_name
 
 
 def to_hf_state_dict(state_dict: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:

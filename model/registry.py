@@ -21,19 +21,19 @@ class ModelEntry:
     """One line for --list_models."""
     costs: str | None = None
     """Module stating the family's per-token costs beside its code: layer_activation_bytes, layer_input_bytes,
-    head_activation_bytes, training_flops_per_token (see model/transformer_costs.py). None: the memory plan and
+    head_activation_bytes, training_flops_per_token (see model/transformer/costs.py). None: the memory plan and
     the throughput benchmark cannot size this family and say so."""
 
 
 _REGISTRY: dict[str, ModelEntry] = {
     "transformer": ModelEntry(
-        target="model.transformer:Transformer",
+        target="model.transformer.model:Transformer",
         description="decoder-only Transformer: RMSNorm, rotary embeddings, SwiGLU, grouped-query attention (SDPA)",
-        costs="model.transformer_costs"),
+        costs="model.transformer.costs"),
     "mamba": ModelEntry(
-        target="model.mamba:MambaLM",
+        target="model.mamba.model:MambaLM",
         description="Mamba state-space LM: Mamba-2 SSD (default) or Mamba-1 selective-scan mixers, recurrent decoding",
-        costs="model.mamba_costs"),
+        costs="model.mamba.costs"),
 }
 
 
@@ -71,7 +71,7 @@ def family_costs(model_type: str) -> ModuleType:
     costs = _REGISTRY[model_type].costs
     if costs is None:
         raise ValueError(f"model type {model_type!r} states no per-token costs: give its ModelEntry a `costs` "
-                         "module (see model/transformer_costs.py)")
+                         "module (see model/transformer/costs.py)")
     return importlib.import_module(costs)
 
 

@@ -25,14 +25,14 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from data import DataConfig  # noqa: E402
-from data.corpus import load_corpus  # noqa: E402
+from data.corpora.embedded import load_corpus  # noqa: E402
 from data.errors import DataError  # noqa: E402
-from data.eval_sets import EVAL_SETS, fetch_eval_set, hub_reachable, read_eval_set  # noqa: E402
+from data.corpora.eval_sets import EVAL_SETS, fetch_eval_set, hub_reachable, read_eval_set  # noqa: E402
 from data.prepare import load_prepared  # noqa: E402
 from data.training_data import open_training_data  # noqa: E402
-from engine.baselines import BASELINES, load_transformers_baseline, score_all, scorable_checkpoint  # noqa: E402
+from engine.evaluation.baselines import BASELINES, load_transformers_baseline, score_all, scorable_checkpoint  # noqa: E402
 from engine.errors import TrainingError  # noqa: E402
-from engine.model_loading import load_trained_model  # noqa: E402
+from engine.checkpoint.loading import load_trained_model  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

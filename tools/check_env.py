@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from engine.environment import Check, environment_checks, render_table  # noqa: E402
+from engine.diagnostics.environment import Check, environment_checks, render_table  # noqa: E402
 
 SMOKE_OVERRIDES = ("model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
                    "model.max_seq_len=64", "training.max_steps=3", "training.batch_size=2",

@@ -24,9 +24,9 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from launcher.config import RunConfig, build_run_config  # noqa: E402
-from launcher.memory import DEEPSPEED_BUCKET_ELEMENTS  # noqa: E402
-from launcher.hardware import GIB, MemoryBudget, memory_budget  # noqa: E402
-from launcher.plan import Plan, PlanError, choose_plan  # noqa: E402
+from launcher.planning.memory import DEEPSPEED_BUCKET_ELEMENTS  # noqa: E402
+from launcher.planning.hardware import GIB, MemoryBudget, memory_budget  # noqa: E402
+from launcher.planning.plan import Plan, PlanError, choose_plan  # noqa: E402
 
 ACCUMULATION = 2
 """Micro-steps per optimizer step: enough to hold accumulated gradients, few enough to be quick."""

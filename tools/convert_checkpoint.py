@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_memory:
         import deepspeed.utils.zero_to_fp32  # noqa: F401  (imported now, so the baseline includes it)
 
-        import engine.hf_export  # noqa: F401
+        import engine.checkpoint.hugging_face  # noqa: F401
         imports_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         anon = AnonymousMemorySampler()
     try:
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def convert(args: argparse.Namespace) -> Path:
-    from engine import export, hf_export, universal
+    from engine.checkpoint import export, hugging_face as hf_export, universal
 
     if args.from_hf:
         written = hf_export.import_hf_folder(args.from_hf, args.output)
@@ -139,7 +139,7 @@ def write_run_yaml(pt_path: Path) -> Path:
     import torch
     import yaml
 
-    from engine.export import staged_output
+    from engine.checkpoint.export import staged_output
 
     config = torch.load(pt_path, map_location="cpu", weights_only=True, mmap=True)["config"]  # reads no weights
     tree = {"model_type": config.pop("model_type"), "model": config,

@@ -27,15 +27,15 @@ import torch  # noqa: E402
 
 from data import DataConfig  # noqa: E402
 from data.errors import DataError  # noqa: E402
-from data.eval_sets import lambada_split, read_eval_set  # noqa: E402
+from data.corpora.eval_sets import lambada_split, read_eval_set  # noqa: E402
 from data.prepare import load_prepared  # noqa: E402
 from data.training_data import open_training_data  # noqa: E402
 from engine.errors import TrainingError  # noqa: E402
-from engine.eval_report import write_report  # noqa: E402
-from engine.evaluation import (last_word_accuracy, model_logits_fn, score_texts,  # noqa: E402
+from engine.evaluation.report import write_report  # noqa: E402
+from engine.evaluation.scoring import (last_word_accuracy, model_logits_fn, score_texts,  # noqa: E402
                                score_token_stream)
-from engine.loss_curves import plot_loss_curves, read_scalar_curves  # noqa: E402
-from engine.model_loading import load_trained_model  # noqa: E402
+from engine.evaluation.loss_curves import plot_loss_curves, read_scalar_curves  # noqa: E402
+from engine.checkpoint.loading import load_trained_model  # noqa: E402
 
 DEFAULT_PROMPTS = ("ROMEO:", "To be, or not to be")
 

@@ -20,9 +20,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from engine.comm_benchmark import run_all_reduce_benchmark  # noqa: E402
+from engine.diagnostics.allreduce_bandwidth import run_all_reduce_benchmark  # noqa: E402
 from launcher.advice import plan_advice, render_advice  # noqa: E402
-from launcher.hardware import (available_host_memory, detect_gpus, format_bytes, memory_budget,  # noqa: E402
+from launcher.planning.hardware import (available_host_memory, detect_gpus, format_bytes, memory_budget,  # noqa: E402
                                parse_memory_size)
 
 GPU_COUNTS = (1, 2, 4, 8)

@@ -19,7 +19,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from data.errors import DataError  # noqa: E402
 from data.preprocess import PreprocessOptions, preprocess  # noqa: E402
-from data.sources import resolve_source  # noqa: E402
+from data.corpora.sources import resolve_source  # noqa: E402
 
 
 def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ micro-step per optimizer step. All contenders train on the same random batches. 
 shared) all contenders are alive at once and timed one step each in turn, so that a burst of load slows them alike;
 the median and spread are over steps. On GPU each contender is built, timed and freed in turn (its peak memory is
 its own), repeated --repeats times; median and spread are over repeats. MFU = model FLOPs per token (stated by each family, model/*_costs.py, attention counted
-as in PaLM appendix B) x tokens/s / the GPU's dense bf16 peak (launcher/gpu_specs.py); on CPU there is no MFU.
+as in PaLM appendix B) x tokens/s / the GPU's dense bf16 peak (launcher/planning/gpu_specs.py); on CPU there is no MFU.
 Goals (issue 11): deepspeed >= 0.95x plain, and faster than transformers.
 """
 from __future__ import annotations
@@ -94,8 +94,8 @@ def _single_process_group() -> bool:
 def plan_run(args: argparse.Namespace, on_cuda: bool):
     """Run config and the memory plan for this machine, one micro-step per optimizer step."""
     from launcher.config import build_run_config
-    from launcher.hardware import memory_budget
-    from launcher.plan import choose_plan
+    from launcher.planning.hardware import memory_budget
+    from launcher.planning.plan import choose_plan
 
     overrides = list(args.overrides)
     precision = args.precision
@@ -126,7 +126,7 @@ def _time_all(args: argparse.Namespace, contenders: list[str], builders: dict, b
     """Time every contender (interleaved steps, or whole runs in turn), filling timings and errors in place."""
     from tqdm import tqdm
 
-    from engine.benchmark import time_contender, time_interleaved
+    from engine.evaluation.step_timing import time_contender, time_interleaved
 
     if interleave:
         with tqdm(total=args.repeats * args.steps, desc="timing (interleaved steps)", file=sys.stderr) as bar:
@@ -207,12 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _cuda_available() else "cpu")
     import torch
-    from engine.benchmark import BenchSetup, deepspeed_contender, make_batches, plain_contender, transformers_contender
+    from engine.evaluation.step_timing import BenchSetup, deepspeed_contender, make_batches, plain_contender, transformers_contender
     from launcher.config import ConfigError
     from launcher.ds_config import build_ds_config
-    from launcher.gpu_specs import peak_tflops
-    from launcher.model_sizes import training_flops_per_token
-    from launcher.plan import PlanError
+    from launcher.planning.gpu_specs import peak_tflops
+    from launcher.planning.model_sizes import training_flops_per_token
+    from launcher.planning.plan import PlanError
 
     on_cuda = torch.cuda.is_available()
     device = "cuda:0" if on_cuda else "cpu"

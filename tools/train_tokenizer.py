@@ -18,7 +18,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from data.errors import DataError  # noqa: E402
-from data.sources import resolve_source  # noqa: E402
+from data.corpora.sources import resolve_source  # noqa: E402
 from data.tokenizer_training import DEFAULT_SAMPLE_BYTES, adopt_tokenizer, train_tokenizer_on_source  # noqa: E402
 
 

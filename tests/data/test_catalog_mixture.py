@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data.catalog import CATALOG, MIXTURES, format_recommendation, parse_model_size, recommend
+from data.corpora.catalog import CATALOG, MIXTURES, format_recommendation, parse_model_size, recommend
 from data.errors import DataError
 from data.mixture import MixtureSampler
 

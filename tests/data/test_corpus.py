@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from data import corpus
+from data.corpora import embedded as corpus
 from data.config import DataConfig
-from data.corpus import (
+from data.corpora.embedded import (
     CORPORA,
     CorpusEntry,
     chunk_documents,

@@ -1,10 +1,10 @@
-"""data/eval_sets.py: WikiText rows joined into articles, LAMBADA's last word, the local store, offline fetching."""
+"""data/corpora/eval_sets.py: WikiText rows joined into articles, LAMBADA's last word, the local store, offline fetching."""
 from __future__ import annotations
 
 import pytest
 
 from data.errors import DataError
-from data.eval_sets import (eval_set_path, fetch_eval_set, lambada_split, read_eval_set, wikitext_articles,
+from data.corpora.eval_sets import (eval_set_path, fetch_eval_set, lambada_split, read_eval_set, wikitext_articles,
                             write_eval_set)
 
 

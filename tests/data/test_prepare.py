@@ -7,7 +7,7 @@ import pytest
 
 from data import prepare
 from data.config import DataConfig
-from data.corpus import CORPORA, CorpusEntry, load_corpus, load_shakespeare
+from data.corpora.embedded import CORPORA, CorpusEntry, load_corpus, load_shakespeare
 from data.prepare import cache_folder, load_prepared, prepare_data
 from data.shards import TokenShardReader
 from data.tokenizer import Tokenizer

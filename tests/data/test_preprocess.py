@@ -11,7 +11,7 @@ import sentencepiece as spm
 import data.preprocess as preprocess_module
 from data.errors import DataError
 from data.preprocess import PreprocessOptions, preprocess
-from data.sources import iter_documents, resolve_source
+from data.corpora.sources import iter_documents, resolve_source
 from data.tokenizer import train_tokenizer
 from tests.data.corpus_files import make_documents, parse_megatron, write_jsonl, write_parquet, write_txt_folder
 
@@ -55,7 +55,7 @@ def options(folder, tokenizer, **overrides):
 
 
 def test_json_lines_longer_than_a_read_chunk_come_back_whole(tmp_path):
-    """JSON lines are parsed 1 MB at a time (data/sources.py): documents of several MB, between short ones, must
+    """JSON lines are parsed 1 MB at a time (data/corpora/sources.py): documents of several MB, between short ones, must
     still come back whole and in order."""
     documents = ["short", "word " * 700_000, "b c " * 5, "x" * 3_000_000, "last"]
     assert list(iter_documents(resolve_source(str(write_jsonl(tmp_path / "big.jsonl", documents))))) == documents

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from data.corpus import load_shakespeare
+from data.corpora.embedded import load_shakespeare
 from data.tokenizer import Tokenizer, split_long_line, train_tokenizer, training_sentences
 
 UNUSUAL = "Ber.\nWho's there?\n\n  Nay,\tanswer me 😀 — naïve Ωμέγα 中文 e\u0301 ﬁ ①\x00 trailing  \n"

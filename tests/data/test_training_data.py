@@ -9,7 +9,7 @@ import numpy as np
 
 from data.config import DataConfig
 from data.preprocess import PreprocessOptions, preprocess
-from data.sources import resolve_source
+from data.corpora.sources import resolve_source
 from data.training_data import open_training_data
 from tests.data.corpus_files import make_documents, parse_megatron, write_jsonl
 from tests.data.test_preprocess import small_tokenizer  # noqa: F401  (session fixture)

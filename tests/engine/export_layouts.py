@@ -28,11 +28,11 @@ FAMILIES = {
 def train_layout(data_cache: str, out_dir: Path, layout: str) -> Path:
     """Folder OUT_DIR/<layout>-ws<N> with ckpt/ (checkpoint_step_STEPS) and live.pt (fp32 master weights)."""
     from engine import distributed
-    from engine.checkpoint import gather_fp32_state_dict
+    from engine.checkpoint.manager import gather_fp32_state_dict
     from engine.trainer import Trainer
     from launcher.config import build_run_config
     from launcher.ds_config import build_ds_config
-    from launcher.plan import choose_plan
+    from launcher.planning.plan import choose_plan
 
     family, stage, precision = layout.split("-")
     preset, model = FAMILIES[family]

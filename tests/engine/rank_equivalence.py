@@ -24,11 +24,11 @@ def train_and_save(data_cache: str, out_dir: Path, micro_batch: int, accum: int,
     the peak); rank 0 writes the fp32 weights, each step's loss and pre-clip gradient norm, and the window indices
     the trainers of all ranks actually read."""
     from engine import distributed
-    from engine.checkpoint import gather_fp32_state_dict
+    from engine.checkpoint.manager import gather_fp32_state_dict
     from engine.trainer import Trainer
     from launcher.config import build_run_config
     from launcher.ds_config import build_ds_config
-    from launcher.plan import choose_plan
+    from launcher.planning.plan import choose_plan
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     tag = f"ws{world_size}_mb{micro_batch}_acc{accum}_zero{stage}"

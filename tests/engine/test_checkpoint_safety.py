@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.checkpoint import CheckpointManager, atomic_torch_save
-from engine.checkpoint_commit import MANIFEST, damage_of
+from engine.checkpoint.manager import CheckpointManager, atomic_torch_save
+from engine.checkpoint.commit import MANIFEST, damage_of
 from engine.errors import CheckpointError, UnsafeCheckpointError
-from engine.safe_load import verify_folder, verify_weights_only
+from engine.checkpoint.safe_load import verify_folder, verify_weights_only
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from data.errors import DataError
 from data.preprocess import PreprocessOptions, preprocess
 from data.shards import CorruptShardError
-from data.sources import resolve_source
+from data.corpora.sources import resolve_source
 from data.tokenizer import train_tokenizer
-from engine.checkpoint import latest_tag
+from engine.checkpoint.manager import latest_tag
 from engine.trainer import Trainer
 from launcher.config import build_run_config
 from launcher.ds_config import build_ds_config
-from launcher.plan import choose_plan
+from launcher.planning.plan import choose_plan
 from tests.conftest import SMALL_MODEL
 from tests.data.corpus_files import make_documents, write_jsonl, write_parquet
 

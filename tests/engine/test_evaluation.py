@@ -1,4 +1,4 @@
-"""engine/evaluation.py against independent oracles: a bigram model scored by hand in numpy, uniform logits
+"""engine/evaluation/scoring.py against independent oracles: a bigram model scored by hand in numpy, uniform logits
 (log2 V bits per token), transformers' own loss, and a last-word accuracy whose answer is built into the model."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.evaluation import (TextScore, document_bytes, last_word_accuracy, model_logits_fn, score_texts,
+from engine.evaluation.scoring import (TextScore, document_bytes, last_word_accuracy, model_logits_fn, score_texts,
                                score_token_stream, stream_nll)
 
 V = 11

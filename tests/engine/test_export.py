@@ -1,4 +1,4 @@
-"""Checkpoint conversion (engine/export.py, engine/hf_export.py, tools/convert_checkpoint.py) against independent
+"""Checkpoint conversion (engine/checkpoint/export.py, engine/checkpoint/hugging_face.py, tools/convert_checkpoint.py) against independent
 oracles: the live fp32 master weights of the engine that saved the checkpoint (bit-exact), transformers' own
 LlamaForCausalLM / Mamba2ForCausalLM / MambaForCausalLM (same logits), and the SentencePiece model (same ids).
 ZeRO 0, 2, 3 x fp32, bf16 x both families at world size 1 in-process; a few layouts at world size 2 (slow)."""
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import export, hf_export
+from engine.checkpoint import export, hugging_face as hf_export
 from model import ModelConfig, create_model
 from tests.conftest import REPO_ROOT, run_job, run_two_ranks
 from tests.engine import export_layouts
@@ -205,11 +205,11 @@ def test_training_continues_from_an_imported_model(tmp_path, data_cache, process
     """--from_hf writes a .pt and a YAML; a ZeRO-3 run from that YAML starts from exactly the imported weights
     and its first loss is the transformers model's own loss on the same batch."""
     transformers = pytest.importorskip("transformers")
-    from engine.checkpoint import gather_fp32_state_dict
+    from engine.checkpoint.manager import gather_fp32_state_dict
     from engine.trainer import Trainer
     from launcher.config import build_run_config
     from launcher.ds_config import build_ds_config
-    from launcher.plan import choose_plan
+    from launcher.planning.plan import choose_plan
 
     torch.manual_seed(0)
     hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -243,7 +243,7 @@ def test_training_continues_from_an_imported_model(tmp_path, data_cache, process
 
 def test_universal_by_hand(trained_ws1, capsys):
     """`--to universal` writes DeepSpeed's universal layout inside the checkpoint; ZeRO-0 has none to write."""
-    from engine.universal import universal_folder
+    from engine.checkpoint.universal import universal_folder
 
     ckpt = trained_ws1["mamba2-2-fp32"] / "ckpt"
     assert convert_checkpoint.main([str(ckpt), "--to", "universal"]) == 0

@@ -1,4 +1,4 @@
-"""engine/loss_curves.py: curves written with torch's SummaryWriter come back from EventAccumulator (resumed runs
+"""engine/evaluation/loss_curves.py: curves written with torch's SummaryWriter come back from EventAccumulator (resumed runs
 merged, per-source validation curves kept), and both drawing paths write a PNG."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 from torch.utils.tensorboard import SummaryWriter
 
-from engine.loss_curves import plot_loss_curves, read_scalar_curves
+from engine.evaluation.loss_curves import plot_loss_curves, read_scalar_curves
 
 
 def test_curves_round_trip_through_tensorboard(tmp_path, monkeypatch):

@@ -12,8 +12,8 @@ import torch
 from deepspeed.ops.adam import DeepSpeedCPUAdam
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-from engine.checkpoint import latest_tag
-from launcher.memory import STAGE3_PARAM_PERSISTENCE_THRESHOLD
+from engine.checkpoint.manager import latest_tag
+from launcher.planning.memory import STAGE3_PARAM_PERSISTENCE_THRESHOLD
 from model import ModelConfig, create_model
 from tests.conftest import wait_for_build_locks
 from tests.engine.test_trainer import make_crashing_trainer, make_trainer, params_of

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from engine.checkpoint import list_checkpoint_tags, latest_tag
+from engine.checkpoint.manager import list_checkpoint_tags, latest_tag
 from engine.trainer import Trainer
 from launcher.config import build_run_config
 from launcher.ds_config import build_ds_config
-from launcher.plan import choose_plan
+from launcher.planning.plan import choose_plan
 from model import ModelConfig, create_model
 from tests.conftest import SMALL_MODEL
 
@@ -33,7 +33,7 @@ def make_trainer(tmp_path, data_cache, *, zero_stage=0, max_steps=6, extra=(), p
 
 
 def params_of(trainer) -> dict[str, torch.Tensor]:
-    from engine.checkpoint import gather_fp32_state_dict
+    from engine.checkpoint.manager import gather_fp32_state_dict
 
     return gather_fp32_state_dict(trainer.engine.module)
 
@@ -144,7 +144,7 @@ def test_final_model_loads_with_the_original_snippet(tmp_path, data_cache, proce
 
 def test_resume_false_starts_over(tmp_path, data_cache, process_group):
     """resume: false trains from the seed's initialisation; into the folder of an earlier run it is refused
-    (engine/checkpoint_commit.py: two runs never share one folder)."""
+    (engine/checkpoint/commit.py: two runs never share one folder)."""
     from engine.errors import CheckpointError
 
     first = make_trainer(tmp_path / "old", data_cache, zero_stage=2, max_steps=3)

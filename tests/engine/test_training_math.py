@@ -1,4 +1,4 @@
-"""Training math through the real engine: the lr schedule against the README's formula, which parameters are
+"""Training math through the real engine: the lr schedule against the formula in docs/checkpoints.md, which parameters are
 decayed, fp32 master weights in the exports under every layout, and where generation starts."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tests.engine.test_trainer import make_trainer
 
 
 def readme_lr(step: int, *, peak: float, warmup: int, max_steps: int, min_ratio: float) -> float:
-    """The schedule as README.md states it (written out here independently of engine/schedule.py)."""
+    """The schedule as docs/checkpoints.md states it (written out here independently of engine/schedule.py)."""
     if step <= warmup:
         return peak * step / warmup
     cosine = 0.5 * (1 + math.cos(math.pi * (step - warmup) / (max_steps - warmup)))
@@ -68,7 +68,7 @@ def test_lr_schedule_follows_the_readme_formula(tmp_path, data_cache, process_gr
 
 # ---- weight decay ---------------------------------------------------------------------------------------------------
 
-# The rule as README.md / engine/param_groups.py state it, written as names: projection and embedding matrices.
+# The rule as docs/checkpoints.md / engine/param_groups.py state it, written as names: projection and embedding matrices.
 DECAYED_SUFFIXES = ("wq.weight", "wk.weight", "wv.weight", "wo.weight", "w1.weight", "w2.weight", "w3.weight",
                     "tok_embeddings.weight", "embedding.weight", "lm_head.weight", "in_proj.weight",
                     "out_proj.weight", "x_proj.weight", "dt_proj.weight")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.universal import needs_universal, saved_world_size, universal_folder
+from engine.checkpoint.universal import needs_universal, saved_world_size, universal_folder
 from tests.conftest import run_two_ranks
 from tests.engine import universal_resume
 from tests.engine.universal_resume import SAVE_AT, STEPS

@@ -31,7 +31,7 @@ def make_recording_trainer(run_dir: Path, data_cache: str, stage: int, *, stop_a
     from engine.trainer import Trainer
     from launcher.config import build_run_config
     from launcher.ds_config import build_ds_config
-    from launcher.plan import choose_plan
+    from launcher.planning.plan import choose_plan
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
 
@@ -64,7 +64,7 @@ def run(role: str, data_cache: str, run_dir: Path, stage: int) -> Path:
     """role 'straight' (all STEPS), 'first' (stops after SAVE_AT) or 'resume'; rank 0 writes
     RUN_DIR/<role>_ws<N>.pt with {'losses': {step: loss}, 'weights': fp32 state dict, 'start_step'}."""
     from engine import distributed
-    from engine.checkpoint import gather_fp32_state_dict
+    from engine.checkpoint.manager import gather_fp32_state_dict
 
     trainer = make_recording_trainer(run_dir, data_cache, stage, stop_after_save=role == "first")
     trainer.losses = {}

@@ -1,4 +1,4 @@
-"""Bytes a real DeepSpeed engine's tensors hold on CPU, for comparison with launcher.memory.
+"""Bytes a real DeepSpeed engine's tensors hold on CPU, for comparison with launcher.planning.memory.
 
 Run in-process (world size 1) or as a script under torchrun (world size 2: rank 0 prints one JSON line per case).
 Every live tensor storage in the process is summed once (gc finds them: the module's weights, DeepSpeed's flat
@@ -22,7 +22,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 
-from launcher.memory import DEEPSPEED_BUCKET_ELEMENTS  # noqa: E402
+from launcher.planning.memory import DEEPSPEED_BUCKET_ELEMENTS  # noqa: E402
 from model import ModelConfig, create_model  # noqa: E402
 
 ACCUMULATION = 2
@@ -59,7 +59,7 @@ def held_bytes(model: torch.nn.Module | None = None) -> int:
 
 
 def ds_config(stage: int, precision: str, offload: str = "none") -> dict[str, Any]:
-    """offload as in launcher.memory.Layout: 'optimizer' runs DeepSpeedCPUAdam (a JIT build of cpu_adam)."""
+    """offload as in launcher.planning.memory.Layout: 'optimizer' runs DeepSpeedCPUAdam (a JIT build of cpu_adam)."""
     zero = {"stage": stage, **DEEPSPEED_BUCKET_ELEMENTS, "reduce_bucket_size": TEST_REDUCE_BUCKET}
     adam = {"lr": 1e-3, "weight_decay": 0.1}
     if offload == "none":

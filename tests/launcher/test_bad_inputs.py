@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from data import TokenShardWriter
-from engine.checkpoint_commit import damage_of
+from engine.checkpoint.commit import damage_of
 from tests.launcher.reliability_runs import clean_env, finish, run_args, snapshot, start
 
 CACHE_NAME = "shakespeare-v8192-s1234-f0.05"

@@ -5,7 +5,7 @@ import pytest
 
 from launcher.config import ConfigError, build_run_config, load_yaml, parse_override
 from launcher.ds_config import build_ds_config
-from launcher.plan import choose_plan
+from launcher.planning.plan import choose_plan
 from launcher.presets import PRESETS
 from model import create_model
 from tests.conftest import REPO_ROOT

@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from engine.checkpoint_commit import MANIFEST
+from engine.checkpoint.commit import MANIFEST
 from tests.launcher.reliability_runs import (assert_same_weights, clean_env, finish, run_args, snapshot, start,
                                              weights)
 

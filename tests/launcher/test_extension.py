@@ -15,8 +15,8 @@ def test_a_registered_family_is_planned_from_the_model_itself():
     import custom_family  # registers residual_mlp
 
     from launcher.config import build_run_config
-    from launcher.model_sizes import count_parameters, layer_activation_bytes
-    from launcher.plan import choose_plan
+    from launcher.planning.model_sizes import count_parameters, layer_activation_bytes
+    from launcher.planning.plan import choose_plan
 
     run = build_run_config(preset="tiny", model_type="residual_mlp", overrides=SMALL_MODEL)
     built = custom_family.ResidualMLP(run.model)

@@ -1,4 +1,4 @@
-"""launcher/memory.py and launcher/model_sizes.py against the real models, DeepSpeed's estimators, the bytes a
+"""launcher/planning/memory.py and launcher/planning/model_sizes.py against the real models, DeepSpeed's estimators, the bytes a
 DeepSpeed engine really holds (world size 1 in-process, 2 under torchrun), and the tensors autograd saves."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from launcher import model_sizes
+from launcher.planning import model_sizes
 from launcher.config import build_run_config
-from launcher.memory import (DTYPE_BYTES, STAGE3_PARAM_PERSISTENCE_THRESHOLD, SUB_GROUP_SIZE, Layout,
+from launcher.planning.memory import (DTYPE_BYTES, STAGE3_PARAM_PERSISTENCE_THRESHOLD, SUB_GROUP_SIZE, Layout,
                              activation_bytes, estimate_memory, model_state_bytes)
 from launcher.presets import PRESETS
 from model import ModelConfig, create_model
@@ -104,7 +104,7 @@ def test_model_states_agree_with_deepspeed_estimators(preset, world_size, stage,
     if offload != "none":
         # DeepSpeed's host figure is per node with its 1.5x buffer factor; ours is per rank before that factor.
         # Its ZeRO-2 figure also leaves out the host's 16-bit copy of the partition and its 16-bit gradient
-        # accumulation buffer (2 + 2 bytes per parameter; launcher/memory.py, checked against the engine below).
+        # accumulation buffer (2 + 2 bytes per parameter; launcher/planning/memory.py, checked against the engine below).
         offload_extra = 4 * part if stage == 2 else 0
         ours_node = world_size * ours.cpu * 1.5 if stage == 3 else max(4 * stats.total * world_size,
                                                                           world_size * (ours.cpu - offload_extra)) * 1.5

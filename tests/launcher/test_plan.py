@@ -1,17 +1,17 @@
-"""launcher/plan.py and launcher/report.py: layouts chosen for real hardware sizes, explicit values kept and
+"""launcher/planning/plan.py and launcher/planning/report.py: layouts chosen for real hardware sizes, explicit values kept and
 checked, useful errors when nothing fits, and a readable table for every preset."""
 from __future__ import annotations
 
 import pytest
 
 from launcher.config import build_run_config
-from launcher.hardware import (GIB, UNLIMITED, GpuInfo, HardwareError, MemoryBudget, detect_gpus, memory_budget,
+from launcher.planning.hardware import (GIB, UNLIMITED, GpuInfo, HardwareError, MemoryBudget, detect_gpus, memory_budget,
                                parse_memory_size)
-from launcher import plan as plan_module
-from launcher.memory import Layout, estimate_memory
-from launcher.plan import MAX_MICRO_BATCH, SAFETY_MARGIN, Plan, PlanError, choose_plan, evaluate_layouts
+from launcher.planning import plan as plan_module
+from launcher.planning.memory import Layout, estimate_memory
+from launcher.planning.plan import MAX_MICRO_BATCH, SAFETY_MARGIN, Plan, PlanError, choose_plan, evaluate_layouts
 from launcher.presets import PRESETS
-from launcher.report import render_candidates, render_plan
+from launcher.planning.report import render_candidates, render_plan
 
 WORKSTATION_HOST = 128 * GIB
 """Host RAM of the hypothetical machines below (a typical 4-GPU workstation)."""

@@ -9,7 +9,7 @@ import pytest
 
 from engine.errors import CheckpointError
 from launcher.config import ConfigError, build_run_config
-from launcher.hardware import UNLIMITED
+from launcher.planning.hardware import UNLIMITED
 from launcher.resume import find_resume_point, pin_to_checkpoint, plan_resumed_run, split_global_batch
 from tests.conftest import SMALL_MODEL, run_cli
 from tests.launcher.test_cli import small_run_args
@@ -133,7 +133,7 @@ def test_an_unreadable_run_config_is_a_checkpoint_error(tmp_path):
 
 
 def _unlimited():
-    from launcher.hardware import UNLIMITED
+    from launcher.planning.hardware import UNLIMITED
 
     return UNLIMITED
 
@@ -165,7 +165,7 @@ def test_resume_on_two_ranks_keeps_the_global_batch_and_refuses_a_new_shape(tmp_
 
 
 def test_a_damaged_newest_checkpoint_is_skipped_like_the_trainer_does(tmp_path):
-    from engine.checkpoint_commit import MANIFEST
+    from engine.checkpoint.commit import MANIFEST
 
     fake_checkpoint(tmp_path, micro=4, accum=2)
     newer = tmp_path / "ckpt" / "checkpoint_step_6"

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from engine.checkpoint_commit import MANIFEST, damage_of
+from engine.checkpoint.commit import MANIFEST, damage_of
 from tests.launcher.reliability_runs import (clean_env, finish, group_alive, port_args, run_args, start, wait_for)
 
 LONG = 100_000  # max_steps: only a stop request can end these runs in time

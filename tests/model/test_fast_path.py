@@ -73,8 +73,8 @@ def test_compile_refuses_a_model_without_blocks():
 def test_fused_optimizer_only_when_planning_for_gpus():
     from launcher.config import build_run_config
     from launcher.ds_config import build_ds_config
-    from launcher.hardware import MemoryBudget
-    from launcher.plan import choose_plan
+    from launcher.planning.hardware import MemoryBudget
+    from launcher.planning.plan import choose_plan
 
     run = build_run_config(preset="tiny")
     for on_cuda, gpu_bytes in ((False, 20 * 2**30), (True, 20 * 2**30)):
@@ -123,7 +123,7 @@ def test_models_chunked_loss_on_gpu_matches_reference(fields):
 @gpu
 @needs_cuda
 def test_mamba1_inner_fn_matches_unfused_reference():
-    from model.ssm_ops import fused_kernel, fused_ops_report, reference_ops
+    from model.mamba.ssm_ops import fused_kernel, fused_ops_report, reference_ops
 
     if fused_kernel("mamba_inner_fn") is None:
         pytest.skip(f"mamba_inner_fn unavailable (nvcc build of mamba-ssm): {fused_ops_report()['mamba_inner_fn']}")

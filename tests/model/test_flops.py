@@ -25,11 +25,11 @@ def _counted_flops(model: torch.nn.Module, batch: int, seq_len: int, vocab: int)
     dict(d_model=96, n_layers=3, n_heads=6, tie_embeddings=False),  # plain multi-head, untied head
 ])
 def test_transformer_flops_match_flop_counter(fields, monkeypatch):
-    """Attention through model/transformer.py's reference_attention (explicit q k^T and softmax v matmuls over the
+    """Attention through model/transformer/model.py's reference_attention (explicit q k^T and softmax v matmuls over the
     full T x T square): torch's CPU SDPA kernel is not in FlopCounterMode's registry, and would not count."""
-    import model.transformer
+    import model.transformer.model
 
-    monkeypatch.setattr(model.transformer, "grouped_query_attention", model.transformer.reference_attention)
+    monkeypatch.setattr(model.transformer.model, "grouped_query_attention", model.transformer.model.reference_attention)
     config = ModelConfig(model_type="transformer", vocab_size=211, max_seq_len=64, **fields)
     batch, seq_len = 2, 48
     counted = _counted_flops(create_model("transformer", config), batch, seq_len, config.vocab_size)
@@ -65,7 +65,7 @@ def test_mamba2_flops_match_flop_counter(fields):
 
 
 def _selective_scan_forward_flops(d_inner: int, d_state: int) -> int:
-    """Multiplies and adds per token of the recurrence model/selective_scan.py runs (Gu & Dao 2023, Algorithm 2),
+    """Multiplies and adds per token of the recurrence model/mamba/selective_scan.py runs (Gu & Dao 2023, Algorithm 2),
     for each channel d and state index n; the exp and the per-channel delta * u (1/N as many) are not counted."""
     ops_per_channel_and_state = {
         "delta * A, the decay's exponent": 1,
@@ -83,7 +83,7 @@ def _selective_scan_forward_flops(d_inner: int, d_state: int) -> int:
 def test_mamba1_flops_match_flop_counter_and_the_recurrence(fields):
     """FlopCounterMode sees the projections (in_proj, x_proj, dt_proj, out_proj, lm_head: aten.mm) and the conv,
     which must equal the formula's matmul and conv parts exactly; of the scan it sees only the output contraction
-    C . h, which model/selective_scan.py runs as a bmm. The scan term is checked against the recurrence's own
+    C . h, which model/mamba/selective_scan.py runs as a bmm. The scan term is checked against the recurrence's own
     count (above); training is 3x forward, as for the projections. The conv's backward as in the Mamba-2 test."""
     config = ModelConfig(model_type="mamba", ssm_type="mamba1", vocab_size=211, max_seq_len=64, d_model=64,
                          n_layers=2, **fields)

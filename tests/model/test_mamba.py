@@ -1,5 +1,5 @@
-"""Tests of the Mamba family (model/mamba.py, model/mamba_mixers.py, model/ssd_scan.py, model/selective_scan.py,
-model/ssm_ops.py): chunked scans against step-by-step recurrences (fp32 values, fp64 gradcheck), recurrent
+"""Tests of the Mamba family (model/mamba/model.py, model/mamba/mixers.py, model/mamba/ssd_scan.py, model/mamba/selective_scan.py,
+model/mamba/ssm_ops.py): chunked scans against step-by-step recurrences (fp32 values, fp64 gradcheck), recurrent
 decoding against the parallel forward, learning, gradient checkpointing, mamba-ssm parameter names,
 transformers' slow path on the same weights (when installed), a DeepSpeed ZeRO-2 run, and fused-vs-reference
 parity on CUDA."""
@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from model import ModelConfig, create_model
-from model.mamba import MambaLM, from_transformers_state_dict, to_transformers_state_dict, transformers_config_kwargs
-from model.selective_scan import selective_scan_fused, selective_scan_ref, selective_scan_stepwise_ref
-from model.ssd_scan import (mamba_split_conv1d_scan_combined_fused, mamba_split_conv1d_scan_combined_ref,
+from model.mamba.hf import from_transformers_state_dict, to_transformers_state_dict, transformers_config_kwargs
+from model.mamba.model import MambaLM
+from model.mamba.selective_scan import selective_scan_fused, selective_scan_ref, selective_scan_stepwise_ref
+from model.mamba.ssd_scan import (mamba_split_conv1d_scan_combined_fused, mamba_split_conv1d_scan_combined_ref,
                             ssd_chunk_scan_fused, ssd_chunk_scan_ref, ssd_scan_stepwise_ref)
-from model import selective_scan as selective_scan_module, ssm_ops
-from model.ssm_ops import (causal_conv1d_fused, causal_conv1d_ref, fused_kernel, fused_ops_report, fused_ops_status,
+from model.mamba import selective_scan as selective_scan_module, ssm_ops
+from model.mamba.ssm_ops import (causal_conv1d_fused, causal_conv1d_ref, fused_kernel, fused_ops_report, fused_ops_status,
                            reference_ops, rmsnorm_gated_fused, rmsnorm_gated_ref, selective_state_update_fused,
                            selective_state_update_ref)
 from tests.model.overfit import overfit_fixed_batch
@@ -351,7 +352,7 @@ def test_fused_ops_report_a_reason_when_unavailable():
         assert not available and "CUDA" in reason
         assert fused_kernel("mamba_chunk_scan_combined") is None
     assert set(fused_ops_report()) >= {"mamba_chunk_scan_combined", "selective_scan_fn", "causal_conv1d_fn"}
-    # What each mixer's training path calls (model/mamba_mixers.py), listed here independently of ssm_ops.
+    # What each mixer's training path calls (model/mamba/mixers.py), listed here independently of ssm_ops.
     needs = {"mamba2": {"mamba_split_conv1d_scan_combined", "mamba_chunk_scan_combined", "rmsnorm_fn",
                         "causal_conv1d_fn"},
              "mamba1": {"mamba_inner_fn", "selective_scan_fn", "causal_conv1d_fn"}}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from model import ModelConfig, create_model, list_models
-from model.transformer import Transformer
+from model.transformer.model import Transformer
 
 
 def test_create_model_builds_the_transformer():

@@ -1,15 +1,15 @@
-"""model/rotary.py: the fused rotary op against its reference (values, gradients, what autograd saves), eager on
+"""model/transformer/rotary.py: the fused rotary op against its reference (values, gradients, what autograd saves), eager on
 CPU, through torch.compile on CPU (slow: Inductor's C++ build) and on CUDA (marked gpu)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-import model.rotary as rotary
-import model.transformer as transformer_module
+import model.transformer.rotary as rotary
+import model.transformer.model as transformer_module
 from model import ModelConfig, create_model
-from model.rotary import apply_rotary, apply_rotary_fused
-from model.transformer import RotaryEmbedding
+from model.transformer.rotary import apply_rotary, apply_rotary_fused
+from model.transformer.model import RotaryEmbedding
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
@@ -66,7 +66,7 @@ def _saved_tensors(fn, x, cos, sin) -> list[torch.Tensor]:
 @pytest.mark.parametrize("fn", [apply_rotary, apply_rotary_fused], ids=["reference", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_saves_only_the_tables(fn, dtype):
-    """What model/transformer_costs.py counts for the rotary: nothing per token. Both ops keep only the cos/sin
+    """What model/transformer/costs.py counts for the rotary: nothing per token. Both ops keep only the cos/sin
     slices, views of the tables (mul saves the other operand, and only the table's side needs no gradient), not
     x or an fp32 copy of it."""
     x, cos, sin = _inputs(dtype)

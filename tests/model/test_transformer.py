@@ -1,4 +1,4 @@
-"""Tests of model/transformer.py: shapes, initial loss, learning, causality, attention and RoPE against explicit
+"""Tests of model/transformer/model.py: shapes, initial loss, learning, causality, attention and RoPE against explicit
 references written here, GQA/tied parameter counts, KV-cache generation, gradient checkpointing, checkpoints."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 import model.block_checkpointing as block_checkpointing
 from model import ModelConfig, create_model
-from model.transformer import (CausalSelfAttention, KVCache, Transformer, grouped_query_attention,
+from model.transformer.model import (CausalSelfAttention, KVCache, Transformer, grouped_query_attention,
                                reference_attention)
 from tests.model.overfit import overfit_fixed_batch
 

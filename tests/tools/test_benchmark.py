@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from data.eval_sets import hub_reachable
+from data.corpora.eval_sets import hub_reachable
 from tools import benchmark
 
 transformers = pytest.importorskip("transformers")

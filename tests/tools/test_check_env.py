@@ -1,4 +1,4 @@
-"""tools/check_env.py and engine/environment.py: the table's verdicts against DeepSpeed's own op builders and
+"""tools/check_env.py and engine/diagnostics/environment.py: the table's verdicts against DeepSpeed's own op builders and
 forced failures, the exit code, and the real training run."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from collections import namedtuple
 
 import pytest
 
-import engine.environment as environment
-from engine.environment import Check, check_free_disk, check_packages, deepspeed_op_facts
+import engine.diagnostics.environment as environment
+from engine.diagnostics.environment import Check, check_free_disk, check_packages, deepspeed_op_facts
 from tools import check_env
 
 

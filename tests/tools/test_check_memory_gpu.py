@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launcher.hardware import GIB, MemoryBudget
+from launcher.planning.hardware import GIB, MemoryBudget
 from tools import check_memory_gpu as check
 from tools.check_memory_gpu import layout_label
 

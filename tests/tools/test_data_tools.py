@@ -139,11 +139,11 @@ def test_local_files_to_shards_to_training(tmp_path, tokenizer):
 
 
 def test_bench_data_compares_equal_work(data_cache):
-    """tools/bench_data.py runs end to end, and its rates compare the same work: the pipeline wrote as many tokens as
+    """tools/bench/data_pipeline.py runs end to end, and its rates compare the same work: the pipeline wrote as many tokens as
     SentencePiece itself makes for those documents (one eos each), counted here with sentencepiece directly."""
     import sentencepiece as spm
 
-    from data.corpus import load_shakespeare
+    from data.corpora.embedded import load_shakespeare
 
     result = run_tool("bench_data.py", "--repeat", 1, "--documents", 120, "--workers", 1, 2, "--rounds", 2,
                       "--cache_dir", data_cache, timeout=300)

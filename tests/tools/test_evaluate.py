@@ -1,4 +1,4 @@
-"""tools/evaluate.py and engine/model_loading.py on one run trained here (ZeRO-2, so the DeepSpeed folder holds
+"""tools/evaluate.py and engine/checkpoint/loading.py on one run trained here (ZeRO-2, so the DeepSpeed folder holds
 partitioned optimizer state that DeepSpeed's zero_to_fp32 must consolidate)."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from data.eval_sets import write_eval_set
+from data.corpora.eval_sets import write_eval_set
 from engine.errors import CheckpointError
-from engine.model_loading import load_trained_model
+from engine.checkpoint.loading import load_trained_model
 from tools import evaluate as evaluate_tool
 
 
@@ -27,7 +27,7 @@ def test_every_checkpoint_form_loads_the_same_weights(trained_run):
             torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
     from safetensors.torch import save_file
 
-    from engine.export import write_safetensors
+    from engine.checkpoint.export import write_safetensors
 
     exported = root / "exported"
     exported.mkdir()

@@ -1,15 +1,15 @@
 """tools/gpu_report.py: nccl-tests' bus bandwidth, a real gloo all-reduce between two processes, the plan advice
-against launcher.plan, and the output with and without a GPU."""
+against launcher.planning.plan, and the output with and without a GPU."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.comm_benchmark import bus_bandwidth, run_all_reduce_benchmark
+from engine.diagnostics.allreduce_bandwidth import bus_bandwidth, run_all_reduce_benchmark
 from launcher.advice import plan_advice
 from launcher.config import build_run_config
-from launcher.hardware import GIB, MemoryBudget
-from launcher.plan import choose_plan
+from launcher.planning.hardware import GIB, MemoryBudget
+from launcher.planning.plan import choose_plan
 from tools import gpu_report
 
 

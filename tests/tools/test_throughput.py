@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from launcher.gpu_specs import peak_tflops
+from launcher.planning.gpu_specs import peak_tflops
 from model import ModelConfig
 from model.registry import family_costs
 from tests.conftest import REPO_ROOT, SMALL_MODEL
@@ -54,9 +54,9 @@ def test_whole_runs_in_turn_as_on_gpu(tmp_path, process_group):
 def test_a_time_limit_keeps_what_finished(tmp_path, process_group, monkeypatch):
     """SIGTERM (tools/gpu_check.sh's `timeout`) during the second contender: the first one's numbers are still
     reported and written."""
-    import engine.benchmark
+    import engine.evaluation.step_timing
 
-    real = engine.benchmark.time_contender
+    real = engine.evaluation.step_timing.time_contender
     calls = []
 
     def stopped_on_second_call(*args, **kwargs):
@@ -65,7 +65,7 @@ def test_a_time_limit_keeps_what_finished(tmp_path, process_group, monkeypatch):
             throughput._stop_timing(15, None)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine.benchmark, "time_contender", stopped_on_second_call)
+    monkeypatch.setattr(engine.evaluation.step_timing, "time_contender", stopped_on_second_call)
     path = tmp_path / "stopped.json"
     overrides = [arg for item in SMALL_MODEL for arg in ("--set", item)]
     assert throughput.main(["--preset", "tiny", "--steps", "1", "--warmup", "0", "--micro_batch", "1",
@@ -112,10 +112,10 @@ def test_gpu_check_script_says_no_gpu():
 
 
 def test_the_transformers_peer_checkpoints_the_first_layers_only():
-    """The peer recomputes the same blocks as ours (engine/benchmark.py checkpoint_first_layers): counted by the
+    """The peer recomputes the same blocks as ours (engine/evaluation/step_timing.py checkpoint_first_layers): counted by the
     checkpoint function transformers calls once per checkpointed layer in a training forward."""
     transformers = pytest.importorskip("transformers")
-    from engine.benchmark import checkpoint_first_layers
+    from engine.evaluation.step_timing import checkpoint_first_layers
 
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                       num_attention_heads=4, num_key_value_heads=2)

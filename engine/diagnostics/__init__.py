@@ -1,0 +1,1 @@
+"""Machine diagnostics: the environment check and the all-reduce bandwidth measurement."""

@@ -1,0 +1,1 @@
+"""Scoring a trained model: validation loss and bits per byte, baselines, reports, loss curves, training-step timing."""

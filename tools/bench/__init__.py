@@ -1,0 +1,1 @@
+"""Developer benchmarks that print numbers: checkpoint conversion memory, data pipeline, Mamba kernels, safe load."""
