@@ -44,7 +44,7 @@ def global_batch(vocab_size: int) -> torch.Tensor:
 def run_stage(out_dir: Path, family: str, accum: int, ns_method: str, grad_clip: float, stage: int) -> None:
     import deepspeed
     from engine import distributed
-    from engine.checkpoint import gather_fp32_state_dict
+    from engine.checkpoint.manager import gather_fp32_state_dict
     from engine.config import TrainingConfig
     from engine.optimizer import muon_optimizer
     from model import create_model
