@@ -65,7 +65,8 @@ class TrainingConfig(BaseModel):
     adam_eps: float = 1e-8
     """AdamW epsilon."""
     grad_clip: float = 1.0
-    """Clip the global gradient norm to this value (0 disables clipping)."""
+    """Clip the global gradient norm to this value (0 disables clipping). With optimizer 'muon' it defaults to 0:
+    DeepSpeed's ZeRO 1-3 clip Muon's orthogonalized update rather than the gradient (docs/optimizers.md)."""
     fp16: bool = False
     """Mixed precision with float16 and dynamic loss scaling."""
     bf16: bool = False
@@ -146,6 +147,15 @@ class TrainingConfig(BaseModel):
             problems.append(f"training.offload {self.offload!r} is not supported with training.optimizer=muon here "
                             "(DeepSpeed takes Muon with offload only through its own parameter tagging): set "
                             "training.offload=none or training.optimizer=adamw")
+        if self.optimizer == "muon" and self.grad_clip > 0:
+            if "grad_clip" in self.model_fields_set:
+                problems.append(
+                    f"training.grad_clip={self.grad_clip} with training.optimizer=muon: DeepSpeed 0.19.8's ZeRO 1-3 "
+                    "take the clipping norm over Muon's orthogonalized updates, not the gradients, which scales every "
+                    "update down by that norm (~30x on a 2-layer 64-wide model) and differs from ZeRO-0: set "
+                    "training.grad_clip=0 (docs/optimizers.md)")
+            else:
+                self.grad_clip = 0.0  # the default 1.0 is AdamW's; Muon's updates are normalised by construction
         if not 0.0 <= self.muon_momentum < 1.0:
             problems.append(f"training.muon_momentum must be in [0, 1), got {self.muon_momentum}")
         try:
