@@ -66,6 +66,9 @@ def ensure_universal(folder: str | Path) -> Path:
     if saved_world_size(folder) is None:
         raise CheckpointError(f"{folder} holds no ZeRO optimizer partitions (*_optim_states.pt): only ZeRO-1/2/3 "
                               "checkpoints need (and can take) the universal format; ZeRO-0 loads at any world size")
+    if _saved_optimizer(folder) == "muon":  # launcher/resume.py refuses this before the ranks start
+        raise CheckpointError(f"{folder} holds Muon states, which DeepSpeed 0.19.8's universal converter cannot "
+                              f"take (it reads Adam's exp_avg only): resume on the rank count that saved it")
     tmp = folder / f".{UNIVERSAL_SUBDIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a conversion that was killed
     args = argparse.Namespace(input_folder=str(folder), output_folder=str(tmp), num_extract_workers=1,
@@ -84,6 +87,16 @@ def ensure_universal(folder: str | Path) -> Path:
         (folder / "latest_universal").unlink(missing_ok=True)
     tmp.rename(out)
     return out
+
+
+def _saved_optimizer(folder: Path) -> str:
+    """training.optimizer of the run that saved `folder` (its run_config.json; 'adamw' when not recorded)."""
+    import json
+
+    try:
+        return json.loads((folder / "run_config.json").read_text())["training"].get("optimizer", "adamw")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "adamw"
 
 
 def load_universal(engine, checkpoint_dir: str | Path, tag: str):
