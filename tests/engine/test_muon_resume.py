@@ -1,6 +1,7 @@
-"""Muon's momentum is in the checkpoint: a run stopped and resumed equals the run uninterrupted, on the same rank
-count (ZeRO-1 and ZeRO-3) and on another (2 -> 1 ranks at ZeRO-2, through DeepSpeed's universal checkpoint).
-Reuses tests/engine/universal_resume.py's runs (tiny model, 6 steps, checkpoint at step 3) with optimizer muon."""
+"""Muon's momentum is in the checkpoint: a run stopped and resumed equals the run uninterrupted on the same rank
+count (ZeRO-1 and ZeRO-3, bit-exact); on another rank count DeepSpeed 0.19.8 cannot convert Muon's states, and
+the launcher refuses with the fix. Reuses tests/engine/universal_resume.py's runs (tiny model, 6 steps,
+checkpoint at step 3) with optimizer muon."""
 from __future__ import annotations
 
 from pathlib import Path
