@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from engine.config import TrainingConfig
-from engine.param_groups import muon_param_groups, muon_parameter_ids
+from engine.param_groups import muon_param_groups, muon_parameter_ids, param_groups
 
 
 def tag_muon_parameters(model: torch.nn.Module) -> set[int]:
@@ -58,3 +58,11 @@ def muon_optimizer(model: torch.nn.Module, training: TrainingConfig, *, fused_ad
                                adam_w_mode=True)
 
     return build
+
+
+def optimizer_arguments(model: torch.nn.Module, training: TrainingConfig, *, on_cuda: bool) -> dict[str, Any]:
+    """The optimizer keywords of deepspeed.initialize for `training.optimizer`, for the trainer and the step timing
+    alike: AdamW's groups for the DeepSpeed config's optimizer, or Muon built here (the module docstring says why)."""
+    if training.optimizer == "muon":
+        return {"optimizer": muon_optimizer(model, training, fused_adam=on_cuda)}
+    return {"model_parameters": param_groups(model, training.weight_decay)}

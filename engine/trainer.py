@@ -27,8 +27,7 @@ from engine.errors import CheckpointError, TrainingError
 from engine.checkpoint.export import load_initial_weights
 from engine.faults import kill_point
 from engine.metrics import MetricsLogger, peak_memory_bytes
-from engine.optimizer import muon_optimizer
-from engine.param_groups import param_groups
+from engine.optimizer import optimizer_arguments
 from engine.schedule import warmup_cosine_scheduler
 from engine.model_setup import build_model
 from model import ModelConfig, create_model
@@ -105,7 +104,8 @@ class Trainer:
             if distributed.is_main_process():
                 print(f"initialised from {self.training.init_from}", flush=True)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, config=self.ds_config, **self._optimizer_arguments(model),
+            model=model, config=self.ds_config,
+            **optimizer_arguments(model, self.training, on_cuda=get_accelerator().device_name() == "cuda"),
             lr_scheduler=warmup_cosine_scheduler(warmup_steps=self.training.warmup_steps,
                                                  max_steps=self.training.max_steps,
                                                  min_lr_ratio=self.training.min_lr_ratio))
@@ -122,14 +122,6 @@ class Trainer:
                 self.step = int(state["step"])
                 self.best_val_loss = float(state.get("best_val_loss", math.inf))
                 self._restore_source_positions(state.get("data_positions"))
-
-    def _optimizer_arguments(self, model: torch.nn.Module) -> dict:
-        """AdamW: the groups, for the DeepSpeed config's optimizer. Muon: DeepSpeed's Muon built from the project's
-        groups and tags (engine/optimizer.py says why it is not named in the DeepSpeed config)."""
-        if self.training.optimizer == "muon":
-            return {"optimizer": muon_optimizer(model, self.training,
-                                                fused_adam=get_accelerator().device_name() == "cuda")}
-        return {"model_parameters": param_groups(model, self.training.weight_decay)}
 
     def _prepare_data(self) -> TrainingData:
         """Local rank 0 builds (or finds) the cache; then every rank opens it read-only."""

@@ -3,7 +3,7 @@
 #   1. the GPU parity tests (pytest -m gpu: fused kernels against their references),
 #   2. throughput, MFU and peak memory against the memory plan for test_small, 1b_transformer and 1b_mamba
 #      (tools/throughput.py: short runs, the plan's micro-batch, sequence 2048, next to a plain PyTorch loop and
-#      transformers' model of the same shape),
+#      transformers' model of the same shape), and 1b_transformer's DeepSpeed step with training.optimizer=muon,
 #   3. the quick start's "the same command uses the GPU" path (launcher/run.py --preset tiny, a few steps),
 # then one Markdown table (per-contender detail: tools/throughput.py --markdown $OUT/*.json). Needs requirements.txt, requirements-dev.txt and requirements-gpu.txt installed.
 # Without CUDA it says "no GPU" and exits 0. Each part has a time limit; a throughput run stopped by its limit still
@@ -42,6 +42,12 @@ for preset in test_small 1b_transformer 1b_mamba; do
     [ -f "$OUT/$preset.json" ] && reports+=("$OUT/$preset.json")
 done
 
+# Muon's step time next to AdamW's (the deepspeed contender above): same preset and plan, training.optimizer=muon.
+timeout 120 "$PY" tools/throughput.py --preset 1b_transformer --seq_len 2048 --steps "$STEPS" --warmup 2 \
+    --contenders deepspeed --set training.optimizer=muon --json "$OUT/1b_transformer_muon.json" 2>&1 \
+    | grep -v "^\[\|it/s\]\|s/it\]" | tee "$OUT/1b_transformer_muon.txt"
+STATUS[muon]="exit ${PIPESTATUS[0]}"
+
 echo "== 3/3 quick start on the GPU: launcher/run.py --preset tiny (20 steps)"
 timeout 120 "$PY" launcher/run.py --preset tiny --set training.max_steps=20 --set training.eval_interval=20 \
     --set training.save_interval=20 --set training.warmup_steps=2 --set training.sample_tokens=20 \
@@ -65,4 +71,9 @@ for preset in test_small 1b_transformer 1b_mamba; do
     fi
     echo "| throughput $preset | $line |"
 done
+line="${STATUS[muon]}"
+if [ -f "$OUT/1b_transformer_muon.json" ]; then
+    line="$line; $("$PY" tools/throughput.py --markdown "$OUT/1b_transformer_muon.json" --summary)"
+fi
+echo "| throughput 1b_transformer, optimizer Muon (deepspeed only) | $line |"
 echo "| quick start tiny on GPU | ${STATUS[quickstart]} |"

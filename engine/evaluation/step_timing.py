@@ -76,15 +76,16 @@ def deepspeed_contender(setup: BenchSetup, ds_config: dict[str, Any]) -> tuple[S
 
     from engine.distributed import skip_single_rank_gradient_allreduce
     from engine.model_setup import build_model
-    from engine.param_groups import param_groups
+    from engine.optimizer import optimizer_arguments
     from engine.schedule import warmup_cosine_scheduler
 
     model = build_model(setup.model, ds_config=ds_config, precision=setup.training.precision, device=setup.device,
                         compiled=setup.training.compile_blocks)
     model.num_checkpointed_blocks = setup.num_checkpointed_blocks
     cfg = setup.training
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.weight_decay),
-                                      config=ds_config, lr_scheduler=warmup_cosine_scheduler(
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config,
+                                      **optimizer_arguments(model, cfg, on_cuda=str(setup.device).startswith("cuda")),
+                                      lr_scheduler=warmup_cosine_scheduler(
                                           warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
                                           min_lr_ratio=cfg.min_lr_ratio))
     skip_single_rank_gradient_allreduce(engine)
