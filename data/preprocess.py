@@ -1,9 +1,11 @@
 """Parallel preprocessing of a document stream into a folder of Megatron `.bin/.idx` token shards.
 
 Output folder: `tokenizer.model` (a copy), `train_NNNNN.bin/.idx` and `val_NNNNN.bin/.idx` shard pairs,
-`meta.json` (written last: its presence marks the folder complete). While running, `progress.json` and
-`dedup_hashes.npy` record what the finished shard pairs hold, so an interrupted run resumes after them; a shard
-being written lives under a temporary name (TokenShardWriter), so nothing half-written ever looks complete.
+`meta.json` (written last). The set is built in a staging folder beside the output, `.<name>.partial`, and renamed
+to its name only when complete (data/output.py's rules: an existing output is replaced only with `overwrite`, never
+a folder holding files a shard set does not have, a checkpoint or the input). While running, `progress.json` and
+`dedup_hashes.npy` in the staging folder record what the finished shard pairs hold, so an interrupted run resumes
+after them; a shard being written lives under a temporary name (TokenShardWriter).
 
 Documents go to validation by a hash of their text (not their position), so the split does not depend on the
 order, the number of workers or a resume. Exact duplicates (same text) are dropped by that hash.
@@ -16,6 +18,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -25,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data.errors import DataError
+from data.output import check_output, name_matcher, publish
 from data.shards import TokenShardWriter, token_dtype
 from data.corpora.sources import DocumentSource, check_hub_reachable, iter_documents
 from data.tokenizer import Tokenizer
@@ -33,6 +37,9 @@ SHARD_SET_FORMAT = "rag-transformer-shards"
 SHARD_SET_VERSION = 1
 META_FILE, PROGRESS_FILE, HASHES_FILE, TOKENIZER_FILE = "meta.json", "progress.json", "dedup_hashes.npy", \
     "tokenizer.model"
+SHARD_SET_FILES = name_matcher(r"(?:train|val)_\d+\.(?:bin|idx)", re.escape(META_FILE), re.escape(PROGRESS_FILE),
+                               re.escape(HASHES_FILE), re.escape(TOKENIZER_FILE), r".*\.tmp-.*")
+"""What a shard set's folder (complete or being written) holds."""
 # Hash values below this fraction of 2**64 go to validation.
 _HASH_RANGE = 2 ** 64
 
@@ -61,6 +68,8 @@ class PreprocessOptions:
     smaller than 1 MB, so the last tasks leave a worker idle for less (on 20 MB, 4% faster than 1 MB tasks)."""
     progress: bool = True
     """Show a progress bar."""
+    overwrite: bool = False
+    """Replace an existing shard set made with other settings (never a folder holding other files)."""
 
 
 def _document_hash(text: str) -> tuple[int, int]:
@@ -198,24 +207,34 @@ def preprocess(source: DocumentSource, options: PreprocessOptions) -> dict:
                 "val_fraction": options.val_fraction, "dedup": options.dedup,
                 "max_shard_tokens": options.max_shard_tokens, "max_tokens": options.max_tokens}
     meta = read_shard_set_meta(folder)
-    if meta is not None:
-        if all(meta.get(key) == value for key, value in settings.items()):
-            return meta  # already complete
+    if meta is not None and all(meta.get(key) == value for key, value in settings.items()):
+        return meta  # already complete
+    rules = dict(overwrite=options.overwrite, inputs=[*source.data_files, options.tokenizer_path],
+                 owned=SHARD_SET_FILES, folder=True)
+    if meta is not None and not options.overwrite:
         raise DataError(f"{folder} already holds a finished shard set made with other settings; choose another "
-                        "--output or delete it")
-    created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
-    state, hashes = _load_state(folder, settings)
-    _remove_leftovers(folder, state["num_shard_pairs"])
-    if not (folder / TOKENIZER_FILE).is_file():
-        temp = folder / f".{TOKENIZER_FILE}.tmp-{os.getpid()}"
+                        "--output, or pass --overwrite to replace it")
+    staging = resumable_staging(folder)
+    if meta is None and (folder / PROGRESS_FILE).is_file() and not staging.exists():
+        staging = folder  # an interrupted run of an earlier version, which built in place: resumed there
+    else:
+        check_output(folder, **rules)
+    if staging.exists():
+        check_output(staging, overwrite=True, inputs=rules["inputs"], owned=SHARD_SET_FILES, folder=True,
+                     what="the staging folder of --output")
+    created = not staging.exists()
+    staging.mkdir(parents=True, exist_ok=True)
+    state, hashes = _load_state(staging, settings)
+    _remove_leftovers(staging, state["num_shard_pairs"])
+    if not (staging / TOKENIZER_FILE).is_file():
+        temp = staging / f".{TOKENIZER_FILE}.tmp-{os.getpid()}"
         shutil.copyfile(options.tokenizer_path, temp)
-        os.replace(temp, folder / TOKENIZER_FILE)
+        os.replace(temp, staging / TOKENIZER_FILE)
     try:
-        _run(source, options, tokenizer, folder, settings, state, hashes)
+        _run(source, options, tokenizer, staging, settings, state, hashes)
     except BaseException:
         if created and state["num_shard_pairs"] == 0:
-            shutil.rmtree(folder, ignore_errors=True)  # nothing worth resuming: leave nothing behind
+            shutil.rmtree(staging, ignore_errors=True)  # nothing worth resuming: leave nothing behind
         raise
     meta = {**settings, **state, "num_documents_skipped": state["num_documents_read"]
             - state["num_train_documents"] - state["num_val_documents"],
@@ -223,10 +242,17 @@ def preprocess(source: DocumentSource, options: PreprocessOptions) -> dict:
             "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name,
             "train_shards": [f"train_{i:05d}" for i in range(state["num_shard_pairs"])],
             "val_shards": [f"val_{i:05d}" for i in range(state["num_shard_pairs"])]}
-    _write_json(folder / META_FILE, meta)
-    (folder / PROGRESS_FILE).unlink(missing_ok=True)
-    (folder / HASHES_FILE).unlink(missing_ok=True)
+    _write_json(staging / META_FILE, meta)
+    (staging / PROGRESS_FILE).unlink(missing_ok=True)
+    (staging / HASHES_FILE).unlink(missing_ok=True)
+    if staging != folder:
+        publish(staging, folder, **rules)
     return meta
+
+
+def resumable_staging(folder: Path) -> Path:
+    """Where the shard set for `folder` is built: a fixed name beside it, so a rerun finds an interrupted run."""
+    return folder.with_name(f".{folder.name}.partial")
 
 
 def _run(source: DocumentSource, options: PreprocessOptions, tokenizer: Tokenizer, folder: Path, settings: dict,

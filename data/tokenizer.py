@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import sentencepiece as spm
+
+from data.output import staged_output
 
 # SentencePiece silently drops training sentences over 4192 bytes (its max_sentence_length default).
 MAX_LINE_BYTES = 4000
@@ -89,9 +89,8 @@ def train_tokenizer(
         num_threads=num_threads,
         minloglevel=2,
     )
-    temp_path = model_path.with_name(f"{model_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    temp_path.write_bytes(model.getvalue())
-    os.replace(temp_path, model_path)
+    with staged_output(model_path, overwrite=True) as temp_path:  # the caller decides about an existing output
+        temp_path.write_bytes(model.getvalue())
     return Tokenizer(model_path)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from data.errors import DataError
+from data.output import staged_output
 from data.corpora.sources import DocumentSource, iter_documents
 from data.tokenizer import Tokenizer, train_tokenizer
 
@@ -66,10 +67,8 @@ def adopt_tokenizer(existing: Path, output_model: Path) -> Tokenizer:
         spm.SentencePieceProcessor(model_file=str(existing))
     except (OSError, RuntimeError) as err:
         raise DataError(f"{existing} is not a SentencePiece model ({err})") from None
-    output_model.parent.mkdir(parents=True, exist_ok=True)
-    temp = output_model.with_name(output_model.name + ".tmp")
-    shutil.copyfile(existing, temp)
-    temp.replace(output_model)
+    with staged_output(output_model, overwrite=True) as temp:  # the caller decides about an existing output
+        shutil.copyfile(existing, temp)
     return Tokenizer(output_model)
 
 

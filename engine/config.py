@@ -103,6 +103,10 @@ class TrainingConfig(BaseModel):
     """Logs (TensorBoard) and run metadata."""
     checkpoint_dir: str = "./checkpoints"
     """final_model.pt, best_model.pt and checkpoint_step_N folders."""
+    node_local_checkpoints: bool = False
+    """Multi-node without a shared file system: each node writes its own ranks' part of every checkpoint_step_N to
+    checkpoint_dir on its own disk (DeepSpeed's checkpoint.use_node_local_storage), and resume takes the newest step
+    complete on every node; the .pt exports go to node 0 (docs/multinode.md)."""
     max_runtime: int | str | None = None
     """Time limit: after this long, save a checkpoint and exit 75 (seconds, or e.g. '90m', '23h30m', '2:30:00')."""
 

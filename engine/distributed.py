@@ -93,6 +93,38 @@ def run_on_main(fn):
     return result
 
 
+def local_rank() -> int:
+    """This rank's index on its node (DeepSpeed's launcher and torchrun both set LOCAL_RANK)."""
+    return deepspeed.comm.get_local_rank() if dist.is_initialized() else 0
+
+
+def run_on_node_leaders(fn) -> list:
+    """Run fn on the first rank of every node (local rank 0) and return their results, in rank order, on every
+    rank; an exception raised on any of them is raised on every rank. What run_on_main is for a shared file system,
+    this is for node-local disks, where each node manages its own files."""
+    leader = local_rank() == 0
+    result, error = None, None
+    if leader:
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            error = err
+    everyone = [(leader, result, error)]
+    if world_size() > 1:
+        everyone = [None] * world_size()
+        dist.all_gather_object(everyone, (leader, result, error))
+    errors = [err for _, _, err in everyone if err is not None]
+    if errors:
+        errors[0].on_every_rank = True  # the launcher prints it once (rank 0), not once per rank
+        raise errors[0]
+    return [result for is_leader, result, _ in everyone if is_leader]
+
+
+def all_agree(value: bool, device: torch.device | None = None) -> bool:
+    """True when `value` is true on every rank (a collective)."""
+    return all_reduce_max_int(0 if value else 1, device or torch.device(get_accelerator().current_device_name())) == 0
+
+
 def all_reduce_max_int(value: int, device: torch.device) -> int:
     """The largest of one integer over all ranks (how ranks agree on a stop request)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -25,6 +25,7 @@ from engine.signals import StopController
 from engine.config import TrainingConfig
 from engine.errors import CheckpointError, TrainingError
 from engine.checkpoint.export import load_initial_weights
+from engine.checkpoint.safe_load import load_weights_file
 from engine.faults import kill_point
 from engine.metrics import MetricsLogger, peak_memory_bytes
 from engine.optimizer import optimizer_arguments
@@ -67,8 +68,9 @@ class Trainer:
         self.ds_config = ds_config
         self.run_record = run_record
         self.local_rank = local_rank
-        self.checkpoints = CheckpointManager(training.checkpoint_dir, keep_last=training.keep_last_checkpoints,
-                                             run_record=run_record)
+        self.checkpoints = CheckpointManager(
+            training.checkpoint_dir, keep_last=training.keep_last_checkpoints, run_record=run_record,
+            node_local=bool(ds_config.get("checkpoint", {}).get("use_node_local_storage", False)))
         self.engine = None
         self.step = 0
         self.best_val_loss = math.inf
@@ -313,7 +315,7 @@ class Trainer:
     def sample_text(self, checkpoint_path: str | Path, prompt: str, *, max_new_tokens: int,
                     temperature: float = 0.8, top_k: int = 50) -> str:
         """Generate from a saved `.pt` with the original project's load snippet (rank 0 only)."""
-        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        ckpt = load_weights_file(checkpoint_path)
         config = ModelConfig(**ckpt["config"])
         model = create_model(config.model_type, config)
         model.load_state_dict(ckpt["model_state_dict"])

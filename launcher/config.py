@@ -40,7 +40,7 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     model_type: str = "transformer"
-    """Model family: 'transformer' or 'mamba' (see --list_models)."""
+    """Model family: 'transformer', 'mamba' or 'hybrid' (see --list_models)."""
     num_gpus: int = Field(default=1, ge=1)
     """Number of GPUs (data-parallel ranks) on this node."""
     model: ModelConfig = Field(default_factory=ModelConfig)

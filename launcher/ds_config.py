@@ -36,6 +36,8 @@ def build_ds_config(run: RunConfig, plan: Plan, *, pin_memory: bool = False) -> 
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin_memory}
     if plan.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": pin_memory}
+    if plan.zero_hpz_partition_size > 1:  # across nodes: launcher/planning/internode.py
+        zero["zero_hpz_partition_size"] = plan.zero_hpz_partition_size
     config: dict[str, Any] = {
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.micro_batch,
@@ -60,6 +62,8 @@ def build_ds_config(run: RunConfig, plan: Plan, *, pin_memory: bool = False) -> 
             # ZeRO-3 orthogonalizes full gradients it all-gathers itself; stage3.py raises "Muon and reduce
             # scatter cannot be used together" otherwise (DeepSpeed 0.19.8).
             zero["reduce_scatter"] = False
+    if training.node_local_checkpoints:  # each node's local rank 0 writes the model states (docs/multinode.md)
+        config["checkpoint"] = {"use_node_local_storage": True}
     return config
 
 

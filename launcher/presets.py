@@ -34,6 +34,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "chunk_size": 64, "vocab_size": 8192, "max_seq_len": 256, "dropout": 0.0},
         "training": dict(_CPU_TRAINING),
     },
+    # The hybrid counterpart of 'tiny' and 'tiny_mamba': four layers, the third attention ("MMAM": published hybrids
+    # keep attention away from the first layers, e.g. Bamba-9B's layers 9, 18, 27 of 32); Mamba layers shaped as
+    # tiny_mamba's, attention as tiny's, a SwiGLU after every mixer as in Bamba. 5.8M parameters, 3.7M without
+    # embeddings (tiny 3.0M, tiny_mamba 3.5M). A four-layer model cannot hold the 1-in-8 ratio of the large presets.
+    "tiny_hybrid": {
+        "model_type": "hybrid",
+        "model": {"d_model": 256, "n_layers": 4, "layer_pattern": "MMAM", "n_heads": 4, "n_kv_heads": 2,
+                  "ssm_type": "mamba2", "d_state": 64, "headdim": 64, "expand": 2, "chunk_size": 64,
+                  "vocab_size": 8192, "max_seq_len": 256, "dropout": 0.0},
+        "training": dict(_CPU_TRAINING),
+    },
     # ~48M parameters (the original's 'test_small', 50M): quick validation of a real GPU setup.
     "test_small": {
         "model_type": "transformer",
@@ -80,6 +91,33 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model_type": "mamba",
         "model": {"d_model": 4096, "n_layers": 64, "ssm_type": "mamba2", "d_state": 128, "headdim": 64,
                   "ngroups": 8, "expand": 2, "vocab_size": 32000, "max_seq_len": 4096, "tie_embeddings": False},
+        "training": {"max_steps": 50000, "learning_rate": 3e-4, "warmup_steps": 2000, "bf16": True,
+                     "tokens_per_step": 4194304, "save_interval": 5000},
+    },
+    # Granite-4.0-H-1B's shape (ibm-granite/granite-4.0-h-1b config.json, GraniteMoeHybrid with no experts): d 1536,
+    # 40 layers of which 5, 15, 25, 35 are attention (1 in 10), SwiGLU 4096, Mamba-2 with 48 heads of 64 (expand
+    # 2), d_state 128, one group, conv 4, chunk 256. Differences, ours: 12 attention heads of 128 with 4 KV heads
+    # (not read from the source), rotary positions where Granite 4.0-H uses none (NoPE), no muP multipliers, the 32k
+    # vocabulary (the source's is 100k). 1.36B parameters, 1.31B without embeddings.
+    "1b_hybrid": {
+        "model_type": "hybrid",
+        "model": {"d_model": 1536, "n_layers": 40, "layer_pattern": [5, 15, 25, 35], "n_heads": 12, "n_kv_heads": 4,
+                  "ffn_hidden": 4096, "ssm_type": "mamba2", "d_state": 128, "headdim": 64, "expand": 2,
+                  "ngroups": 1, "chunk_size": 256, "vocab_size": 32000, "max_seq_len": 2048},
+        "training": {"max_steps": 50000, "learning_rate": 4e-4, "warmup_steps": 2000, "bf16": True,
+                     "tokens_per_step": 1048576, "save_interval": 5000},
+    },
+    # Bamba-9B (ibm-ai-platform/Bamba-9B config.json): d 4096, 32 layers of
+    # which 9, 18, 27 are attention (about 1 in 10), 32 heads with 8 KV heads, SwiGLU 14336, Mamba-2 with 128 heads
+    # of 64 (expand 2), d_state 128, one group, conv 4, chunk 256, untied embeddings. Ours: rotary over the whole head
+    # (Bamba rotates half, partial_rotary_factor 0.5), the 32k vocabulary (the source's is 128k). The nearest
+    # published hybrid of this block to 7B: 8.99B parameters with the 32k vocabulary; with its 128,256-token
+    # vocabulary the same shape counts 9.78B, the published size, which confirms the numbers above.
+    "7b_hybrid": {
+        "model_type": "hybrid",
+        "model": {"d_model": 4096, "n_layers": 32, "layer_pattern": [9, 18, 27], "n_heads": 32, "n_kv_heads": 8,
+                  "ffn_hidden": 14336, "ssm_type": "mamba2", "d_state": 128, "headdim": 64, "expand": 2,
+                  "ngroups": 1, "chunk_size": 256, "vocab_size": 32000, "max_seq_len": 4096, "tie_embeddings": False},
         "training": {"max_steps": 50000, "learning_rate": 3e-4, "warmup_steps": 2000, "bf16": True,
                      "tokens_per_step": 4194304, "save_interval": 5000},
     },

@@ -49,6 +49,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--master_port", type=int, help="rendezvous port when this command starts the ranks")
     parser.add_argument("--hostfile", help="DeepSpeed hostfile ('host slots=N' lines) for a multi-node job; passed "
                                            "to the DeepSpeed launcher")
+    parser.add_argument("--node_rank", type=int, help="this node's index in the hostfile: start one DeepSpeed runner "
+                                                      "per node with --no_ssh (no ssh/pdsh; docs/multinode.md). "
+                                                      "Under Slurm: SLURM_NODEID")
+    parser.add_argument("--master_addr", help="address of the hostfile's first node, where rank 0 listens (with "
+                                              "--node_rank; under Slurm: the job's first node)")
+    parser.add_argument("--internode_bandwidth", metavar="RATE",
+                        help="bandwidth between nodes per node for the plan, e.g. 25GB/s or 200Gb/s (default: an "
+                             "assumption the dry run names; measure it with tools/gpu_report.py)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     # The DeepSpeed launcher passes --local_rank=N to every rank.
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -123,14 +131,20 @@ def put_venv_tools_on_path() -> None:
         os.environ["PATH"] = os.pathsep.join(filter(None, [str(bin_dir), os.environ.get("PATH", "")]))
 
 
-def start_ranks(args: argparse.Namespace, argv: list[str], num_gpus: int, entry_script: str | None = None) -> int:
+def start_ranks(args: argparse.Namespace, argv: list[str], num_gpus: int, entry_script: str | None = None,
+                nodes=None) -> int:
     """Re-run this command under the DeepSpeed launcher with `num_gpus` ranks and wait for it.
 
     The launcher ends the job when any rank exits non-zero (it terminates the others, then kills them after 30 s)
-    and exits with that rank's code, which is returned here.
+    and exits with that rank's code, which is returned here. On one node of a multi-node job (`nodes`, see
+    multinode_runner_args) the runner starts only this node's ranks, with --no_ssh.
     """
     port = args.master_port or free_port()
     hostfile = ["--hostfile", args.hostfile] if args.hostfile else []
+    if nodes is not None:
+        from launcher.nodes import multinode_runner_args
+
+        hostfile, port = multinode_runner_args(args, nodes, num_gpus)
     script = Path(entry_script or __file__).resolve()
     command = [sys.executable, "-m", "deepspeed.launcher.runner", *hostfile, "--num_gpus", str(num_gpus),
                "--master_port", str(port), str(script), *argv]
@@ -198,14 +212,23 @@ def run_command(argv: list[str], *, entry_script: str | None = None, trainer_cla
         return 2
 
     launched = launched_by_deepspeed()
-    world_size = int(os.environ["WORLD_SIZE"]) if launched else run.num_gpus * hostfile_nodes(args.hostfile)
+    from launcher.nodes import job_nodes
+
+    try:
+        nodes = job_nodes(args, run.num_gpus, launched=launched)
+    except ValueError as err:  # NodeError, or a bandwidth that does not parse
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    world_size = int(os.environ["WORLD_SIZE"]) if launched else run.num_gpus * nodes.num_nodes
     run_name = args.preset or Path(config_path).stem
     if not launched and (world_size > 1 or args.hostfile) and not args.dry_run:
         # Plan here too, so that a run that cannot fit fails before any rank starts; the ranks plan again.
-        if make_plan(run, args, world_size, run_name, launched=False, detect_in_subprocess=True) is None:
+        if make_plan(run, args, world_size, run_name, launched=False, detect_in_subprocess=True,
+                     nodes=nodes) is None:
             return 2
         put_venv_tools_on_path()
-        return start_ranks(args, argv, run.num_gpus, entry_script)
+        return start_ranks(args, argv, run.num_gpus, entry_script,
+                           nodes=nodes if nodes.num_nodes > 1 and nodes.node_rank is not None else None)
     device = configure_device(local_ranks(world_size))
     try:
         check_device_support(run, device)
@@ -215,7 +238,7 @@ def run_command(argv: list[str], *, entry_script: str | None = None, trainer_cla
 
     from launcher.ds_config import build_ds_config, write_ds_config
 
-    plan = make_plan(run, args, world_size, run_name, launched=launched)
+    plan = make_plan(run, args, world_size, run_name, launched=launched, nodes=nodes)
     if plan is None:
         return 2
     ds_config = build_ds_config(run, plan, pin_memory=device == "cuda")
@@ -238,14 +261,13 @@ def local_ranks(default: int) -> int:
 
 def hostfile_nodes(path: str | None) -> int:
     """Number of hosts in a DeepSpeed hostfile (1 without one): each runs num_gpus ranks."""
-    if not path:
-        return 1
-    lines = [line.split("#")[0].strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
-    return max(1, sum(1 for line in lines if line))
+    from launcher.nodes import read_hostfile
+
+    return len(read_hostfile(path)) if path else 1
 
 
 def make_plan(run: RunConfig, args: argparse.Namespace, world_size: int, run_name: str, *, launched: bool,
-              detect_in_subprocess: bool = False):
+              detect_in_subprocess: bool = False, nodes=None):
     """Plan against the memory found (or given); print the table on a dry run, or why nothing fits (then None).
 
     Under a launcher every rank plans: each measures its own GPU, and the process group (started here, the
@@ -268,15 +290,20 @@ def make_plan(run: RunConfig, args: argparse.Namespace, world_size: int, run_nam
             gpus = own_gpu(ranks_per_node) if launched else (
                 detect_gpus_in_subprocess() if detect_in_subprocess else detect_gpus(limit=ranks_per_node))
         budget = memory_budget(ranks_per_node, gpu_memory, gpus=gpus, host_bytes=cpu_memory,
-                               ssm_type=run.model.ssm_type if run.model_type == "mamba" else None)
+                               ssm_type=run.model.ssm_type if run.model_type in ("mamba", "hybrid") else None)
         if launched:
             from engine.distributed import init_distributed
 
             init_distributed()
             budget = agree_across_ranks(budget)
         resume_point = find_resume_point(run)
+        num_nodes = nodes.num_nodes if nodes is not None else 1
         plan = (plan_resumed_run(run, resume_point, world_size, budget, report=rank == 0) if resume_point else
-                choose_plan(run.model, run.training, world_size, budget))
+                choose_plan(run.model, run.training, world_size, budget, num_nodes=num_nodes))
+        if nodes is not None and nodes.num_nodes > 1:
+            from launcher.planning.internode import plan_across_nodes
+
+            plan = plan_across_nodes(plan, run.model, run.training, nodes)
     except PlanError as err:
         if rank == 0:
             print(render_candidates(err.candidates), file=sys.stderr)

@@ -16,7 +16,7 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
     model_type: str = "transformer"
-    """Model family, a name from the registry: 'transformer' or 'mamba'."""
+    """Model family, a name from the registry: 'transformer', 'mamba' or 'hybrid'."""
     vocab_size: int = 8192
     """Number of token ids (the tokenizer's vocabulary size)."""
     max_seq_len: int = 256
@@ -62,6 +62,11 @@ class ModelConfig(BaseModel):
     dt_rank: int | None = None
     """Mamba-1: rank of the low-rank dt projection (null = ceil(d_model / 16), as mamba-ssm)."""
 
+    # Hybrid (model/hybrid/config.py)
+    layer_pattern: str | list[int] | list[str] | None = None
+    """Hybrid: which layers are Mamba-2 ('M') and which attention ('A'): a string repeated to n_layers
+    ("MMMMMMMA"), one letter per layer, or the attention layers' indices."""
+
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
         problems = []
@@ -93,6 +98,13 @@ class ModelConfig(BaseModel):
             for name in ("d_state", "d_conv", "expand", "chunk_size"):
                 if getattr(self, name) < 1:
                     problems.append(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.model_type == "hybrid":
+            from model.hybrid.config import config_problems  # the family states its own rules
+
+            problems += config_problems(self)
+        elif self.layer_pattern is not None:
+            problems.append(f"model.layer_pattern applies only to model_type hybrid (this is {self.model_type!r}): "
+                            "remove it or set model_type hybrid")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -1,7 +1,8 @@
 """One door between this project's model families and Hugging Face `transformers` architectures.
 
-Each family states its own mapping beside its code (model/transformer/hf.py, model/mamba/hf.py); this module only
-picks the family: Transformer <-> LlamaForCausalLM, Mamba-2 <-> Mamba2ForCausalLM, Mamba-1 <-> MambaForCausalLM.
+Each family states its own mapping beside its code (model/transformer/hf.py, model/mamba/hf.py,
+model/hybrid/hf.py); this module only picks the family: Transformer <-> LlamaForCausalLM, Mamba-2 <->
+Mamba2ForCausalLM, Mamba-1 <-> MambaForCausalLM, hybrid <-> BambaForCausalLM.
 transformers is not imported here (it is needed only to load the result).
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any, Callable
 
 from torch import Tensor
 
+from model.hybrid import hf as hybrid_hf
 from model.mamba import hf as mamba_hf
 from model.transformer import hf as transformer_hf
 from model.config import ModelConfig
@@ -32,7 +34,8 @@ class HFMapping:
 
 # transformers' config.json 'model_type' -> (architecture, config class)
 SUPPORTED_HF_TYPES = {"llama": ("LlamaForCausalLM", "LlamaConfig"), "mamba2": ("Mamba2ForCausalLM", "Mamba2Config"),
-                      "mamba": ("MambaForCausalLM", "MambaConfig")}
+                      "mamba": ("MambaForCausalLM", "MambaConfig"),
+                      "bamba": (hybrid_hf.HF_ARCHITECTURE, hybrid_hf.HF_CONFIG_CLASS)}
 
 
 def _mamba_to_hf_name(name: str) -> str:
@@ -53,6 +56,10 @@ def hf_mapping(config: ModelConfig) -> HFMapping:
         architecture, config_class = SUPPORTED_HF_TYPES[hf_type]
         return HFMapping(architecture=architecture, config_class=config_class,
                          config_kwargs=mamba_hf.transformers_config_kwargs(config), to_hf_name=_mamba_to_hf_name)
+    if config.model_type == "hybrid":
+        return HFMapping(architecture=hybrid_hf.HF_ARCHITECTURE, config_class=hybrid_hf.HF_CONFIG_CLASS,
+                         config_kwargs=hybrid_hf.transformers_config_kwargs(config),
+                         to_hf_name=hybrid_hf.to_transformers_name)
     raise ValueError(f"model_type {config.model_type!r} has no transformers counterpart")
 
 
@@ -65,6 +72,8 @@ def model_config_from_hf(hf_config: dict[str, Any]) -> tuple[ModelConfig, Callab
                          f"{', '.join(sorted(SUPPORTED_HF_TYPES))} ({', '.join(a for a, _ in SUPPORTED_HF_TYPES.values())})")
     if hf_type == "llama":
         return transformer_hf.model_config_from_transformers(hf_config), transformer_hf.from_transformers_name
+    if hf_type == "bamba":
+        return hybrid_hf.model_config_from_transformers(hf_config), hybrid_hf.from_transformers_name
     return mamba_hf.model_config_from_transformers(hf_config), _mamba_from_hf_name
 
 

@@ -34,6 +34,11 @@ _REGISTRY: dict[str, ModelEntry] = {
         target="model.mamba.model:MambaLM",
         description="Mamba state-space LM: Mamba-2 SSD (default) or Mamba-1 selective-scan mixers, recurrent decoding",
         costs="model.mamba.costs"),
+    "hybrid": ModelEntry(
+        target="model.hybrid.model:HybridLM",
+        description="hybrid LM: Mamba-2 and grouped-query attention layers by model.layer_pattern, SwiGLU after each "
+                    "(transformers' Bamba)",
+        costs="model.hybrid.costs"),
 }
 
 

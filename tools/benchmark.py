@@ -28,6 +28,7 @@ from data import DataConfig  # noqa: E402
 from data.corpora.embedded import load_corpus  # noqa: E402
 from data.errors import DataError  # noqa: E402
 from data.corpora.eval_sets import EVAL_SETS, fetch_eval_set, hub_reachable, read_eval_set  # noqa: E402
+from data.output import check_output, staged_output  # noqa: E402
 from data.prepare import load_prepared  # noqa: E402
 from data.training_data import open_training_data  # noqa: E402
 from engine.evaluation.baselines import BASELINES, load_transformers_baseline, score_all, scorable_checkpoint  # noqa: E402
@@ -50,6 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--text_file", action="append", help="score this UTF-8 text file (one document each)")
     parser.add_argument("--max_documents", type=int, default=50, help="documents of an evaluation set to score")
     parser.add_argument("--output_dir", default="test_results")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier benchmark.json in --output_dir")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 
@@ -127,7 +129,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.models_only:
             fetch_models(args)
             return 0
+        output = Path(args.output_dir) / "benchmark.json"
+        inputs = [*(args.checkpoint or ["checkpoints/best_model.pt"]), *(args.text_file or [])]
+        check_output(output, overwrite=args.overwrite, inputs=inputs, what="--output_dir")
         result = compare(args)
+        with staged_output(output, overwrite=args.overwrite, inputs=inputs, what="--output_dir") as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     except (DataError, TrainingError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -137,12 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<40} {score['num_tokens']:>8} {score['nll_per_token']:>10.4f} {score['bits_per_byte']:>9.4f}")
     for note in result["notes"]:
         print(f"note: {note}")
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".benchmark.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out / "benchmark.json")
-    print(f"results: {out / 'benchmark.json'}")
+    print(f"results: {output}")
     return 0
 
 

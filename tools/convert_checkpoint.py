@@ -7,8 +7,10 @@
     python tools/convert_checkpoint.py --from_hf hf_model --output model.pt             # a published model in
 
 CHECKPOINT is a checkpoint_dir (its `latest` tag, or --tag) or one checkpoint_step_N folder, any ZeRO stage and
-world size. Outputs are written under a temporary name and renamed when complete. A user error prints one
-`error: ...` line and exits 2.
+world size. Every pickle it holds is checked before anything loads it (engine/checkpoint/safe_load.py). Outputs are written
+under a temporary name and renamed when complete (data/output.py); an existing --output is refused unless
+--overwrite is given, and an output that is, contains or lies inside a checkpoint folder or the input is refused
+always. A user error prints one `error: ...` line and exits 2.
 """
 from __future__ import annotations
 
@@ -72,10 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tag", help="checkpoint_step_N inside checkpoint_dir (default: its 'latest')")
     parser.add_argument("--to", choices=["pt", "safetensors", "hf", "universal"], help="output format")
     parser.add_argument("--output", help="output file (pt) or folder (safetensors, hf)")
-    parser.add_argument("--from_hf", metavar="FOLDER", help="import a transformers Llama/Mamba/Mamba2 folder as .pt")
+    parser.add_argument("--from_hf", metavar="FOLDER", help="import a transformers Llama/Mamba/Mamba2/Bamba folder as .pt")
     parser.add_argument("--tokenizer", help="SentencePiece .model for --to hf (default: the run's data cache)")
     parser.add_argument("--max_shard_size", type=parse_size, default="5GB",
                         help="split safetensors above this size (default 5GB, as the hub)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output written by this command (never a checkpoint or the input)")
     parser.add_argument("--report_memory", action="store_true", help="print the peak resident memory at the end")
     return parser
 
@@ -93,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.to != "universal" and not args.output:
         parser.error(f"--to {args.to} needs --output")
 
+    from data.errors import OutputError
     from engine.errors import CheckpointError
 
     if args.report_memory:
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         anon = AnonymousMemorySampler()
     try:
         written = convert(args)
-    except CheckpointError as error:
+    except (CheckpointError, OutputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {written}")
@@ -118,34 +123,40 @@ def main(argv: list[str] | None = None) -> int:
 def convert(args: argparse.Namespace) -> Path:
     from engine.checkpoint import export, hugging_face as hf_export, universal
 
+    from data.output import check_output
+
     if args.from_hf:
-        written = hf_export.import_hf_folder(args.from_hf, args.output)
-        write_run_yaml(written)
+        check_output(Path(args.output).with_suffix(".yaml"), overwrite=args.overwrite, inputs=[args.from_hf])
+        written = hf_export.import_hf_folder(args.from_hf, args.output, overwrite=args.overwrite)
+        write_run_yaml(written, overwrite=args.overwrite, inputs=[args.from_hf])
         return written
     folder = export.resolve_checkpoint(args.checkpoint, args.tag)
     if args.to == "pt":
-        return export.write_plain_pt(folder, args.output, progress=True)
+        return export.write_plain_pt(args.checkpoint if args.tag is None else folder, args.output, progress=True,
+                                     overwrite=args.overwrite)
     if args.to == "safetensors":
-        return export.write_safetensors(folder, args.output, max_shard_bytes=args.max_shard_size, progress=True)
+        return export.write_safetensors(args.checkpoint if args.tag is None else folder, args.output,
+                                        max_shard_bytes=args.max_shard_size, progress=True, overwrite=args.overwrite)
     if args.to == "hf":
-        return hf_export.write_hf_folder(folder, args.output, tokenizer_path=args.tokenizer,
-                                         max_shard_bytes=args.max_shard_size, progress=True)
+        return hf_export.write_hf_folder(args.checkpoint if args.tag is None else folder, args.output,
+                                         tokenizer_path=args.tokenizer, max_shard_bytes=args.max_shard_size,
+                                         progress=True, overwrite=args.overwrite)
     return universal.ensure_universal(folder)
 
 
-def write_run_yaml(pt_path: Path) -> Path:
+def write_run_yaml(pt_path: Path, *, overwrite: bool = False, inputs: list = ()) -> Path:
     """A config file for launcher/run.py --config that continues training from an imported model: its
     architecture as `model:` and `training.init_from` pointing at the .pt."""
-    import torch
     import yaml
 
-    from engine.checkpoint.export import staged_output
+    from data.output import staged_output
+    from engine.checkpoint.safe_load import load_weights_file
 
-    config = torch.load(pt_path, map_location="cpu", weights_only=True, mmap=True)["config"]  # reads no weights
+    config = load_weights_file(pt_path, mmap=True)["config"]  # reads no weights
     tree = {"model_type": config.pop("model_type"), "model": config,
             "training": {"init_from": str(Path(pt_path).resolve())}}
     path = Path(pt_path).with_suffix(".yaml")
-    with staged_output(path) as tmp:
+    with staged_output(path, overwrite=overwrite, inputs=inputs) as tmp:
         tmp.write_text(f"# continue training from {Path(pt_path).name}: python launcher/run.py --config {path}\n"
                        + yaml.safe_dump(tree, sort_keys=False))
     print(f"wrote {path}")

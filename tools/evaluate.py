@@ -7,8 +7,8 @@
 
 Scores the validation shards of the run's corpus and the standard sets fetched with
 `tools/benchmark.py --datasets-only` (WikiText-103 test, LAMBADA); generates from each prompt with the KV cache
-(Transformer) or the recurrent state (Mamba), starting after an eos as every training document does; reads the loss
-curves from the run's TensorBoard logs. Writes test_results/eval_<name>.json, .md and _loss.png.
+(Transformer), the recurrent state (Mamba) or both (hybrid), starting after an eos as every training document does;
+reads the loss curves from the run's TensorBoard logs. Writes test_results/eval_<name>.json, .md and _loss.png.
 The original project's `test_after_training.py --checkpoint` did this.
 """
 from __future__ import annotations
@@ -31,7 +31,8 @@ from data.corpora.eval_sets import lambada_split, read_eval_set  # noqa: E402
 from data.prepare import load_prepared  # noqa: E402
 from data.training_data import open_training_data  # noqa: E402
 from engine.errors import TrainingError  # noqa: E402
-from engine.evaluation.report import write_report  # noqa: E402
+from data.output import staged_output  # noqa: E402
+from engine.evaluation.report import check_report_paths, report_paths, write_report  # noqa: E402
 from engine.evaluation.scoring import (last_word_accuracy, model_logits_fn, score_texts,  # noqa: E402
                                score_token_stream)
 from engine.evaluation.loss_curves import plot_loss_curves, read_scalar_curves  # noqa: E402
@@ -48,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data_cache", help="data cache folder (default: the run's data.cache_dir)")
     parser.add_argument("--log_dir", help="TensorBoard folder (default: <run's output_dir>/tensorboard)")
     parser.add_argument("--output_dir", default="test_results", help="where the report goes")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier report of the same checkpoint name in --output_dir")
     parser.add_argument("--max_tokens", type=int, default=200_000,
                         help="score at most this many validation tokens (whole documents)")
     parser.add_argument("--max_documents", type=int, default=200, help="documents per standard set")
@@ -70,6 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def evaluate(args: argparse.Namespace) -> dict:
     checkpoint = Path(args.checkpoint or Path(args.checkpoint_dir) / "best_model.pt")
+    stem = f"eval_{checkpoint.stem if checkpoint.is_file() else checkpoint.name}"
+    check_report_paths(args.output_dir, stem, overwrite=args.overwrite, inputs=[checkpoint])
     print(f"loading {checkpoint}")
     loaded = load_trained_model(checkpoint, device=args.device)
     if loaded.model_config is None:
@@ -121,7 +126,8 @@ def evaluate(args: argparse.Namespace) -> dict:
                                    "`python tools/benchmark.py --datasets-only` on a machine with internet")
         report["sampling"] = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                               "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-                              "decoding": "KV cache" if config.model_type == "transformer" else "recurrent state"}
+                              "decoding": {"transformer": "KV cache", "hybrid": "KV cache + recurrent state"}.get(
+                                  config.model_type, "recurrent state")}
         report["samples"] = []
         for prompt in args.prompts or DEFAULT_PROMPTS:
             # Documents in the shards end with eos and none starts with bos: eos is what precedes a document.
@@ -135,15 +141,16 @@ def evaluate(args: argparse.Namespace) -> dict:
             report["samples"].append({"prompt": prompt, "text": prompt + tokenizer.decode(new_ids)})
     log_dir = Path(args.log_dir or Path(run_config.get("training", {}).get("output_dir", "./outputs")) / "tensorboard")
     curves = read_scalar_curves(log_dir) if log_dir.is_dir() else {}
-    stem = f"eval_{checkpoint.stem if checkpoint.is_file() else checkpoint.name}"
     if curves:
-        png = Path(args.output_dir) / f"{stem}_loss.png"
-        backend = plot_loss_curves(curves, png, title=f"loss of {checkpoint.name}")
+        png = report_paths(args.output_dir, stem)[2]
+        with staged_output(png, overwrite=args.overwrite, inputs=[checkpoint], what="report") as tmp:
+            backend = plot_loss_curves(curves, tmp, title=f"loss of {checkpoint.name}")
         report["loss_curve"], report["loss_curve_drawn_with"] = str(png), backend
         report["loss_points"] = {tag: len(points) for tag, points in curves.items()}
     else:
         report["notes"].append(f"no TensorBoard loss curves under {log_dir}: pass --log_dir")
-    report["paths"] = [str(p) for p in write_report(report, args.output_dir, stem)]
+    report["paths"] = [str(p) for p in write_report(report, args.output_dir, stem, overwrite=args.overwrite,
+                                                    inputs=[checkpoint])]
     return report
 
 

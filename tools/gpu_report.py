@@ -3,6 +3,8 @@
     python tools/gpu_report.py                       # everything
     python tools/gpu_report.py --skip_config         # GPU facts and bandwidth only, no memory-plan advice
     python tools/gpu_report.py --cpu_ranks 2         # measure gloo all-reduce between CPU processes (no GPU needed)
+    deepspeed --hostfile H --no_ssh --node_rank R --master_addr A --master_port P tools/gpu_report.py
+                                                     # on every node: inter-node bandwidth (docs/multinode.md)
 
 All-reduce bandwidth is reported as nccl-tests defines it (algbw = bytes / time, busbw = algbw * 2(n-1)/n), measured
 with NCCL over all visible GPUs when there are two or more. Without a GPU it says so and gives the advice for
@@ -60,6 +62,45 @@ def print_bandwidth(world_size: int, backend: str | None) -> None:
         print(f"{format_bytes(r.size_bytes):>10} {r.seconds * 1e3:>8.2f}ms {r.algbw_gbps:>11.2f} {r.busbw_gbps:>11.2f}")
 
 
+def report_across_nodes() -> int:
+    """One rank of a multi-node launch: all-reduce over every rank, then over one rank per node (what crosses the
+    inter-node link); rank 0 prints both."""
+    import os
+
+    import torch
+
+    from engine.diagnostics.allreduce_bandwidth import measure_across_nodes
+    from engine.distributed import init_distributed, teardown_distributed
+
+    world = int(os.environ["WORLD_SIZE"])
+    per_node = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    init_distributed()
+    everyone, across = measure_across_nodes(SIZES, ranks_per_node=per_node, device=device)
+    backend = torch.distributed.get_backend()
+    if int(os.environ["RANK"]) == 0:
+        num_nodes = world // per_node
+        for title, results, ranks in ((f"all-reduce bandwidth, {world} ranks on {num_nodes} node(s)", everyone, world),
+                                      (f"inter-node all-reduce bandwidth, one rank on each of {num_nodes} nodes",
+                                       across, num_nodes)):
+            if not results:
+                continue
+            print(f"\n{title} ({backend}; busbw = algbw * 2(n-1)/n, nccl-tests):")
+            print(f"{'size':>10} {'time':>10} {'algbw GB/s':>11} {'busbw GB/s':>11}")
+            for r in results:
+                print(f"{format_bytes(r.size_bytes):>10} {r.seconds * 1e3:>8.2f}ms {r.algbw_gbps:>11.2f} "
+                      f"{r.busbw_gbps:>11.2f}")
+        if across:
+            print(f"\nfor the plan: --internode_bandwidth {across[-1].busbw_gbps:.1f}GB/s (busbw of the largest size, "
+                  "one rank per node)")
+    teardown_distributed()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tools/gpu_report.py", description=__doc__.splitlines()[0])
     parser.add_argument("--skip_config", action="store_true", help="GPU facts and bandwidth only, no plan advice")
@@ -67,7 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", action="append", dest="presets", help="advise on these presets only")
     parser.add_argument("--gpu_memory", metavar="SIZE", help="advise for GPUs with this much memory, e.g. 24GB "
                                                              "(default: the GPUs found)")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the DeepSpeed launcher passes it
     args = parser.parse_args(argv)
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # a rank of a (multi-node) launch
+        return report_across_nodes()
     gpus = detect_gpus()
     if not gpus:
         print("no CUDA GPU visible (torch.cuda.is_available() is False): training runs on the CPU")

@@ -4,7 +4,8 @@
         --output data_cache/shards/mycorpus --workers 2
 
 Writes train_NNNNN / val_NNNNN shard pairs (validation chosen by document hash, exact duplicates dropped), at most
---max_shard_tokens tokens per training shard. Rerunning an interrupted command resumes it. Errors a user can fix
+--max_shard_tokens tokens per training shard, into `.<output>.partial` beside --output, renamed to --output when
+complete. Rerunning an interrupted command resumes it. An existing --output is not replaced without --overwrite. Errors a user can fix
 print one line and exit 2; nothing half-written is left under a shard's name.
 """
 from __future__ import annotations
@@ -31,6 +32,8 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_shard_tokens", type=int, default=1 << 28, help="tokens per training shard at most")
     parser.add_argument("--max_tokens", type=int, default=None, help="stop after this many tokens")
     parser.add_argument("--no_dedup", action="store_true", help="keep exact duplicate documents")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a finished shard set of other settings at --output (never other files)")
 
 
 def run_preprocess(spec: str, args: argparse.Namespace) -> int:
@@ -42,7 +45,7 @@ def run_preprocess(spec: str, args: argparse.Namespace) -> int:
         meta = preprocess(source, PreprocessOptions(
             output_dir=args.output, tokenizer_path=args.tokenizer, num_workers=args.workers,
             val_fraction=args.val_fraction, max_shard_tokens=args.max_shard_tokens, max_tokens=args.max_tokens,
-            dedup=not args.no_dedup))
+            dedup=not args.no_dedup, overwrite=args.overwrite))
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

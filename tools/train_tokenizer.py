@@ -18,6 +18,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from data.errors import DataError  # noqa: E402
+from data.output import check_output  # noqa: E402
 from data.corpora.sources import resolve_source  # noqa: E402
 from data.tokenizer_training import DEFAULT_SAMPLE_BYTES, adopt_tokenizer, train_tokenizer_on_source  # noqa: E402
 
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", help="catalog name, or a .txt/.jsonl/.json/.parquet file, glob or folder")
     parser.add_argument("--from_model", type=Path, help="use this existing SentencePiece .model instead of training")
     parser.add_argument("--output", type=Path, required=True, help="where to write the .model file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.add_argument("--vocab_size", type=int, default=32000)
     parser.add_argument("--model_type", choices=["bpe", "unigram"], default="bpe")
     parser.add_argument("--text_field", default=None, help="JSON/parquet column with the text (default 'text')")
@@ -35,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
+        # The one writer's rules (data/output.py): an existing tokenizer (shard sets depend on it) is not replaced
+        # without --overwrite, never the input, never inside a checkpoint.
+        inputs = [args.from_model] if args.from_model is not None else [p for p in [args.input] if p and Path(p).exists()]
+        check_output(args.output, overwrite=args.overwrite, inputs=inputs)
         if args.from_model is not None:
             tokenizer = adopt_tokenizer(args.from_model, args.output)
         elif args.input:

@@ -11,6 +11,15 @@ again (a relaunch at max_steps does not re-save it). Loading takes the newest fo
 files and whose pickles pass the weights-only check (engine/checkpoint/safe_load.py); a damaged newest one is reported and
 the previous complete one is used. Pruning deletes only committed folders of this checkpoint_dir, never the one
 the run resumed from.
+
+Across nodes. On a shared file system the ranks of every node write their files into the one temporary folder;
+each fsyncs what it wrote before DeepSpeed's closing barrier, so rank 0 publishes only files that are complete on
+disk whichever node wrote them. With node-local disks (`node_local=True`, DeepSpeed's
+`checkpoint.use_node_local_storage`: each node's local rank 0 writes the model states, every rank its optimizer
+partition) the first rank of each node runs steps 2-3 on its own folder, and a step counts as committed only when
+it is committed on every node: pruning waits until all nodes have published, and loading takes the newest step
+complete on all of them. A node killed mid-save therefore leaves at worst a step that one node has and another
+lacks; the run resumes from the step before it on every node and replaces that node's copy when it saves again.
 """
 from __future__ import annotations
 
@@ -30,7 +39,7 @@ from engine import distributed
 from engine.checkpoint import universal
 from engine.errors import CheckpointError, UnsafeCheckpointError
 from engine.faults import kill_point, wrap_deepspeed_saves
-from engine.checkpoint.safe_load import verify_folder
+from engine.checkpoint.safe_load import check_tree, load_deepspeed_checkpoint, tag_folder
 
 TAG_PATTERN = re.compile(r"^checkpoint_step_(\d+)$")
 MANIFEST = "checkpoint_complete.json"
@@ -53,12 +62,13 @@ def list_checkpoint_tags(checkpoint_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def latest_tag(checkpoint_dir: str | Path) -> str | None:
-    """The tag DeepSpeed's `latest` file points to, if it exists and its folder is there."""
+    """The tag DeepSpeed's `latest` file points to, if it exists and its folder is there. A tag naming anything
+    but a folder directly inside checkpoint_dir is a CheckpointError (engine/checkpoint/safe_load.py tag_folder)."""
     latest = Path(checkpoint_dir) / "latest"
     if not latest.is_file():
         return None
     tag = latest.read_text().strip()
-    return tag if (Path(checkpoint_dir) / tag).is_dir() else None
+    return tag if tag_folder(checkpoint_dir, tag, source=str(latest)).is_dir() else None
 
 
 def damage_of(folder: Path) -> str | None:
@@ -108,18 +118,29 @@ def storage_error(err: OSError, path: Path) -> CheckpointError:
 class CheckpointCommitter:
     """Commit, find, verify and prune `checkpoint_step_N` folders (see the module docstring)."""
 
-    def __init__(self, checkpoint_dir: str | Path, *, keep_last: int, run_record: dict[str, Any]):
+    def __init__(self, checkpoint_dir: str | Path, *, keep_last: int, run_record: dict[str, Any],
+                 node_local: bool = False):
         self.checkpoint_dir = Path(checkpoint_dir)
         self.keep_last = keep_last
         self.run_record = run_record
+        self.node_local = node_local
+        """Each node keeps its own part of every checkpoint on its own disk (module docstring, 'Across nodes')."""
         self.resumed_tag: str | None = None
         """The folder this run resumed from: never pruned."""
+
+    def _on_writers(self, fn):
+        """Run fn where checkpoint folders are managed: rank 0, or with node-local disks the first rank of every
+        node; an error is raised on every rank. Returns rank 0's result."""
+        if self.node_local:
+            return distributed.run_on_node_leaders(fn)[0]
+        return distributed.run_on_main(fn)
 
     # ---- before training ---------------------------------------------------------------------------------------
     def prepare(self, *, resume: bool) -> None:
         """The folder is a writable directory; a fresh run does not mix with an earlier run's checkpoints; the
-        temporary leftovers of a killed save are removed. All ranks call; rank 0 checks and reports for all."""
-        distributed.run_on_main(lambda: self._prepare(resume))
+        temporary leftovers of a killed save are removed. All ranks call; rank 0 (with node-local disks the first
+        rank of each node) checks and reports for all."""
+        self._on_writers(lambda: self._prepare(resume))
 
     def _prepare(self, resume: bool) -> None:
         root = self.checkpoint_dir
@@ -143,7 +164,7 @@ class CheckpointCommitter:
                 "or move the old one away, or set training.resume=true to continue it")
         for leftover in root.glob(f"{TEMP_PREFIX}*"):  # a save killed before it was published
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
-        for leftover in root.glob(".*.pt.tmp"):  # an export killed before its rename
+        for leftover in [*root.glob(".*.pt.tmp"), *root.glob(".*.pt.partial-*")]:  # an export killed before its rename
             leftover.unlink(missing_ok=True)
 
     # ---- saving ------------------------------------------------------------------------------------------------
@@ -151,11 +172,12 @@ class CheckpointCommitter:
         """Commit a resumable checkpoint of `step` (all ranks call this), then prune old ones."""
         tag = checkpoint_tag(step)
         folder = self.checkpoint_dir / tag
-        if folder.is_dir() and damage_of(folder) is None:
-            return folder  # committed before (a relaunch at max_steps): never rewritten in place
+        if distributed.all_agree(folder.is_dir() and damage_of(folder) is None):
+            return folder  # committed before, on every node (a relaunch at max_steps): never rewritten in place
         temp_tag = TEMP_PREFIX + tag
-        distributed.run_on_main(lambda: shutil.rmtree(self.checkpoint_dir / temp_tag, ignore_errors=True))
-        self.ensure_free_space(self._bytes_needed(engine), what=str(folder))
+        self._on_writers(lambda: shutil.rmtree(self.checkpoint_dir / temp_tag, ignore_errors=True))
+        self.ensure_free_space(self._bytes_needed(engine), what=str(folder), on_writers=True)
+        fsync_deepspeed_saves(engine)
         wrap_deepspeed_saves(engine)
         try:
             engine.save_checkpoint(str(self.checkpoint_dir), tag=temp_tag, client_state=client_state,
@@ -163,7 +185,10 @@ class CheckpointCommitter:
         except OSError as err:
             shutil.rmtree(self.checkpoint_dir / temp_tag, ignore_errors=True)
             raise storage_error(err, folder) from err
-        distributed.run_on_main(lambda: self._publish(self.checkpoint_dir / temp_tag, folder, step))
+        self._on_writers(lambda: self._publish(self.checkpoint_dir / temp_tag, folder, step))
+        # Only once every writer has published: a node that pruned before another node's commit could delete the
+        # last step that both nodes hold.
+        self._on_writers(lambda: self._prune(keep=folder.name))
         return folder
 
     def _publish(self, temp: Path, folder: Path, step: int) -> None:
@@ -176,10 +201,17 @@ class CheckpointCommitter:
                         archive.infolist()
                 _fsync(path)
                 files[str(path.relative_to(temp))] = path.stat().st_size
-            manifest = {"step": step, "files": files, "saved_at": time.time()}
+            manifest = {"step": step, "files": files, "saved_at": time.time(), "world_size": distributed.world_size(),
+                        "node_local": self.node_local}
             _write_atomically(temp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
             kill_point("checkpoint.publish")
-            if folder.exists():  # a damaged folder of the same step: kept aside, not overwritten
+            if folder.exists() and damage_of(folder) is None:
+                # Committed on this node only: another node died before committing the same step, and the run
+                # resumed from the step before. This run wrote it; the new save replaces it.
+                print(f"note: {folder} was committed on this node only (another node's save of it did not finish); "
+                      "replacing it", file=sys.stderr)
+                shutil.rmtree(folder)
+            elif folder.exists():  # a damaged folder of the same step: kept aside, not overwritten
                 aside = folder.with_name(f"{folder.name}.damaged-{int(time.time())}")
                 print(f"warning: {folder} was incomplete ({damage_of(folder)}); moved to {aside}", file=sys.stderr)
                 folder.rename(aside)
@@ -194,7 +226,6 @@ class CheckpointCommitter:
             shutil.rmtree(temp, ignore_errors=True)
             raise CheckpointError(f"the checkpoint just written to {folder} is unreadable ({err}); check the disk "
                                   "and relaunch (the run resumes from the previous checkpoint)") from err
-        self._prune(keep=folder.name)
 
     def _describe(self, folder: Path) -> None:
         """Make the folder self-describing: the resolved run config, the ds_config and the code version."""
@@ -228,8 +259,9 @@ class CheckpointCommitter:
             total += numel * (element + 8 + (4 if element < 4 else 0))
         return total
 
-    def ensure_free_space(self, num_bytes: int, *, what: str) -> None:
-        """CheckpointError (on every rank) when the checkpoint disk has less than num_bytes (+5%) free."""
+    def ensure_free_space(self, num_bytes: int, *, what: str, on_writers: bool = False) -> None:
+        """CheckpointError (on every rank) when the checkpoint disk has less than num_bytes (+5%) free: rank 0's,
+        or with on_writers every disk a checkpoint is written to (node-local disks: each node's)."""
         def check() -> None:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             free = shutil.disk_usage(self.checkpoint_dir).free
@@ -238,7 +270,7 @@ class CheckpointCommitter:
                     f"not enough free disk for {what}: it needs about {num_bytes / 2**20:,.1f} MiB, "
                     f"{self.checkpoint_dir} has {free / 2**20:,.1f} MiB free; free space or set "
                     "training.checkpoint_dir to a bigger disk (nothing was written, earlier checkpoints are kept)")
-        distributed.run_on_main(check)
+        self._on_writers(check) if on_writers else distributed.run_on_main(check)
 
     @contextlib.contextmanager
     def storage_errors(self, path: Path):
@@ -253,6 +285,8 @@ class CheckpointCommitter:
         """Restore the newest complete checkpoint; returns its client state, or None if the folder has none.
 
         A damaged newest one is reported and skipped; one whose pickles name foreign code stops the run."""
+        if self.node_local:
+            return self._load_node_local(engine)
         candidates = list_checkpoint_tags(self.checkpoint_dir)[::-1]
         for step, folder in candidates:
             problem = distributed.run_on_main(lambda f=folder: self._check_loadable(f))
@@ -264,7 +298,7 @@ class CheckpointCommitter:
             if universal.needs_universal(folder, distributed.world_size()):  # saved by another number of ranks
                 path, client_state = universal.load_universal(engine, self.checkpoint_dir, folder.name)
             else:
-                path, client_state = engine.load_checkpoint(str(self.checkpoint_dir), tag=folder.name)
+                path, client_state = load_deepspeed_checkpoint(engine, self.checkpoint_dir, folder.name)
             if path is None:
                 raise CheckpointError(f"DeepSpeed could not load checkpoint {folder}: move it away to resume from "
                                       "the one before, or set training.checkpoint_dir to a new folder")
@@ -285,9 +319,66 @@ class CheckpointCommitter:
         elif not any(folder.glob("*model_states.pt")):
             return "no model_states file"
         try:
-            verify_folder(folder)
+            check_tree(folder)  # every pickle at any depth, the universal copy included
         except UnsafeCheckpointError:
             raise
         except CheckpointError as err:
             return str(err)
         return None
+
+    # ---- node-local disks ----------------------------------------------------------------------------------------
+    def _problems_here(self) -> dict[int, str | None]:
+        """step -> why this node's folder of it cannot be resumed from (None: it can), newest first."""
+        return {step: self._check_loadable(folder) for step, folder in list_checkpoint_tags(self.checkpoint_dir)[::-1]}
+
+    def _load_node_local(self, engine) -> dict[str, Any] | None:
+        """Restore the newest step that is complete on every node (each node reads its own disk)."""
+        per_node = distributed.run_on_node_leaders(self._problems_here)
+        steps = sorted({step for node in per_node for step in node}, reverse=True)
+        for step in steps:
+            missing = [f"node {i}: {node.get(step, 'no such folder')}" for i, node in enumerate(per_node)
+                       if node.get(step, "no such folder") is not None]
+            if not missing:
+                break
+            if distributed.is_main_process():
+                print(f"warning: checkpoint_step_{step} is not complete on every node ({'; '.join(missing)}); "
+                      "falling back to the previous step that is", file=sys.stderr, flush=True)
+        else:
+            if steps:
+                raise CheckpointError(
+                    f"no checkpoint in {self.checkpoint_dir} is complete on every node: move the folders away and set "
+                    "training.resume=false to start over")
+            return None
+        folder = self.checkpoint_dir / checkpoint_tag(step)
+        saved = json.loads((folder / MANIFEST).read_text()).get("world_size") if (folder / MANIFEST).exists() else None
+        if saved is not None and saved != distributed.world_size():
+            raise CheckpointError(
+                f"{folder} was saved by {saved} ranks on node-local disks, this run has {distributed.world_size()}: "
+                "copy every node's checkpoint_step_N into one folder on a shared file system (the nodes hold disjoint "
+                "files), set checkpoint_dir to it and training.node_local_checkpoints=false; the resume then goes "
+                "through DeepSpeed's universal checkpoint")
+        path, client_state = load_deepspeed_checkpoint(engine, self.checkpoint_dir, folder.name)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load checkpoint {folder}: move it away to resume from the one "
+                                  "before, or set training.checkpoint_dir to a new folder")
+        self.resumed_tag = folder.name
+        return client_state
+
+
+def fsync_deepspeed_saves(engine) -> None:
+    """Make every rank fsync each file DeepSpeed writes for it, before save_checkpoint's closing barrier: the rank
+    that publishes (rank 0, perhaps on another node of a shared file system) can then trust that the files are on
+    disk, not only in the writer's page cache. Wraps the checkpoint engine's save once."""
+    checkpoint_engine = getattr(engine, "checkpoint_engine", None)  # None: a stand-in engine of a test
+    if checkpoint_engine is None or getattr(checkpoint_engine, "_fsyncs_saves", False):
+        return
+    original = checkpoint_engine.save
+
+    def save(state_dict, path):
+        result = original(state_dict, path)
+        if isinstance(path, (str, Path)) and Path(path).is_file():
+            _fsync(Path(path))
+        return result
+
+    checkpoint_engine.save = save
+    checkpoint_engine._fsyncs_saves = True

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,8 +18,10 @@ from typing import Any
 
 import torch
 
+from data.output import check_output, name_matcher, staged_output
 from engine.checkpoint.manager import TAG_PATTERN, latest_tag
 from engine.errors import CheckpointError
+from engine.checkpoint.safe_load import load_weights_file, tag_folder, zero_fp32_state_dict
 from model import ModelConfig, create_model
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
@@ -38,7 +39,7 @@ def resolve_checkpoint(path: str | Path, tag: str | None = None) -> Path:
         raise CheckpointError(f"{path} is a file, not a checkpoint folder: pass the checkpoint_dir or a "
                               "checkpoint_step_N folder (final_model.pt is already a plain .pt)")
     if tag is not None:
-        folder = path / tag
+        folder = tag_folder(path, tag)
         if not folder.is_dir():
             present = sorted(p.name for p in path.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
             raise CheckpointError(f"no checkpoint {tag!r} in {path}; present: {', '.join(present) or 'none'}")
@@ -84,9 +85,9 @@ def param_names_in_group_order(config: ModelConfig, optimizer: str = "adamw") ->
 
 
 def _zero0_master_weights(folder: Path, config: ModelConfig) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
-    # mmap: tensors are read when touched, so this costs one parameter at a time, not the file.
-    # weights_only=False: DeepSpeed pickles its own objects (scheduler state) into this file; it is our own run's.
-    state = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)
+    # mmap: tensors are read when touched, so this costs one parameter at a time, not the file. The weights-only
+    # load with DeepSpeed's types allowed (engine/checkpoint/safe_load.py) reads everything DeepSpeed writes here.
+    state = load_weights_file(folder / "mp_rank_00_model_states.pt", mmap=True)
     optimizer = state.get("optimizer") or {}
     module = state["module"]
     if "fp32_groups" in optimizer:  # bf16/fp16 ZeRO-0: the fp32 masters live in the optimizer
@@ -118,14 +119,12 @@ def _tied_source(name: str, config: ModelConfig) -> str:
 def iter_fp32_weights(folder: str | Path, config: ModelConfig) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
     """(name, load) for every tensor of the model's state dict, in order; `load()` returns that fp32 tensor.
     Nothing is read until `load()` is called, so a caller that writes and drops each tensor holds one at a time."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     folder = Path(folder)
     if not any(folder.glob("*_optim_states.pt")):
         yield from _zero0_master_weights(folder, config)
         return
     with _quiet():
-        lazy = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name, lazy_mode=True)
+        lazy = zero_fp32_state_dict(folder, lazy_mode=True)
     for name, tensor in lazy.items():
         yield name, (lambda tensor=tensor: tensor.contiguous().float())
 
@@ -178,15 +177,24 @@ def tied_duplicates(config: ModelConfig) -> set[str]:
     return duplicates
 
 
-def write_plain_pt(folder: str | Path, out_path: str | Path, *, progress: bool = False) -> Path:
+SAFETENSORS_FILES = name_matcher(r"model\.safetensors", r"model-\d+-of-\d+\.safetensors", r"model\.safetensors\.index\.json",
+                                 r"model_config\.json")
+"""The files write_safetensors puts in its folder (an existing folder with others is never replaced)."""
+
+
+def write_plain_pt(folder: str | Path, out_path: str | Path, *, progress: bool = False,
+                   overwrite: bool = False) -> Path:
     """The original project's `.pt` ({'config', 'model_state_dict', 'run_config', 'step'}) of checkpoint `folder`."""
+    source = folder
     folder = resolve_checkpoint(folder)
+    output_rules = dict(overwrite=overwrite, inputs=[source, folder])
+    check_output(out_path, **output_rules)  # refused before anything is read
     config, run_config = load_model_config(folder)
     state = fp32_state_dict(folder, config, progress=progress)
     match = TAG_PATTERN.match(folder.name)
     record = {"config": config.model_dump(), "model_state_dict": state, "run_config": run_config,
               "step": int(match.group(1)) if match else None}
-    with staged_output(out_path) as tmp:
+    with staged_output(out_path, **output_rules) as tmp:
         torch.save(record, tmp)
     return Path(out_path)
 
@@ -236,15 +244,17 @@ def write_safetensors_shards(items: Iterator[tuple[str, Callable[[], torch.Tenso
 
 
 def write_safetensors(folder: str | Path, out_dir: str | Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                      progress: bool = False) -> Path:
+                      progress: bool = False, overwrite: bool = False) -> Path:
     """Our parameter names in safetensors (a tied lm_head stored once, under the embedding's name) plus
     `model_config.json`, the ModelConfig that rebuilds the model (`load_safetensors_model` reads both)."""
+    source = folder
     folder = resolve_checkpoint(folder)
+    output_rules = dict(overwrite=overwrite, inputs=[source, folder], owned=SAFETENSORS_FILES, folder=True)
+    check_output(out_dir, **output_rules)  # refused before anything is read
     config, _ = load_model_config(folder)
     skip = tied_duplicates(config)
     items = [(n, load) for n, load in iter_fp32_weights(folder, config) if n not in skip]
-    with staged_output(out_dir) as tmp:
-        tmp.mkdir()
+    with staged_output(out_dir, **output_rules) as tmp:
         write_safetensors_shards(iter(items), tmp, max_shard_bytes=max_shard_bytes, progress=progress,
                                  total=len(items))
         (tmp / "model_config.json").write_text(json.dumps(config.model_dump(), indent=2) + "\n")
@@ -280,30 +290,6 @@ def load_safetensors_model(folder: str | Path) -> torch.nn.Module:
 
 
 @contextmanager
-def staged_output(path: str | Path):
-    """Yield a temporary sibling of `path` to write into; on success it replaces `path` (a file or a folder), on
-    failure it is removed: a failed conversion never leaves a partial output under the requested name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    _remove(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        _remove(tmp)
-        raise
-    _remove(path)
-    os.replace(tmp, path)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-@contextmanager
 def _quiet():
     """zero_to_fp32 prints progress lines on stdout; keep the tool's own output readable."""
     import contextlib
@@ -325,7 +311,7 @@ def load_initial_weights(model: torch.nn.Module, path: str | Path, config: Model
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"training.init_from: {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_weights_file(path)
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model_state_dict" not in checkpoint:
         raise CheckpointError(f"training.init_from: {path} is not a .pt of this project ({{'config', "
                               "'model_state_dict'}}, as final_model.pt or convert_checkpoint.py writes)")

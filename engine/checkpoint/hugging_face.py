@@ -4,7 +4,7 @@ Out: config.json (transformers' own config class, so `AutoModelForCausalLM.from_
 architecture), generation_config.json, safetensors weights under transformers' names (sharded with an index
 above a size limit) and the run's SentencePiece tokenizer converted by transformers' LlamaTokenizer into
 tokenizer.json, which `AutoTokenizer.from_pretrained` loads offline.
-In: a transformers Llama / Mamba / Mamba2 folder of a shape this project can express -> the original format
+In: a transformers Llama / Mamba / Mamba2 / Bamba folder of a shape this project can express -> the original format
 `.pt` ({'config', 'model_state_dict'}), which training continues from (see docs/checkpoints.md).
 transformers is imported only here, lazily: it is needed for these two directions and nothing else.
 """
@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 
+from data.output import check_output, name_matcher, staged_output
 from engine.errors import CheckpointError
 from engine.checkpoint.export import (DEFAULT_MAX_SHARD_BYTES, check_weights, iter_fp32_weights, load_model_config,
-                           read_safetensors_folder, resolve_checkpoint, staged_output, tied_duplicates,
-                           write_safetensors_shards)
+                                      read_safetensors_folder, resolve_checkpoint, tied_duplicates,
+                                      write_safetensors_shards)
+from engine.checkpoint.safe_load import load_weights_file
 from model import ModelConfig
 from model.hf_interop import hf_mapping, model_config_from_hf
 
@@ -47,11 +49,23 @@ def default_tokenizer_path(run_config: dict) -> Path:
     return cache_folder(DataConfig(**run_config["data"]), run_config["model"]["vocab_size"]) / "tokenizer.model"
 
 
+HF_FOLDER_FILES = name_matcher(r"config\.json", r"generation_config\.json", r"tokenizer(?:_config)?\.json",
+                               r"special_tokens_map\.json", r"tokenizer\.model", r"added_tokens\.json",
+                               r"chat_template\.jinja", r"model\.safetensors", r"model-\d+-of-\d+\.safetensors",
+                               r"model\.safetensors\.index\.json")
+"""The files write_hf_folder (transformers' save_pretrained) puts in its folder."""
+
+
 def write_hf_folder(folder: str | Path, out_dir: str | Path, *, tokenizer_path: str | Path | None = None,
-                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False) -> Path:
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False,
+                    overwrite: bool = False) -> Path:
     """A transformers folder for checkpoint `folder` (see the module docstring)."""
     transformers = _transformers()
+    source = folder
     folder = resolve_checkpoint(folder)
+    output_rules = dict(overwrite=overwrite, inputs=[source, folder, *([tokenizer_path] if tokenizer_path else [])],
+                        owned=HF_FOLDER_FILES, folder=True)
+    check_output(out_dir, **output_rules)  # refused before anything is read
     config, run_config = load_model_config(folder)
     tokenizer_path = Path(tokenizer_path) if tokenizer_path else default_tokenizer_path(run_config)
     if not tokenizer_path.is_file():
@@ -62,8 +76,7 @@ def write_hf_folder(folder: str | Path, out_dir: str | Path, *, tokenizer_path: 
         architectures=[mapping.architecture])
     skip = tied_duplicates(config)  # transformers re-ties lm_head from tie_word_embeddings
     items = [(mapping.to_hf_name(n), load) for n, load in iter_fp32_weights(folder, config) if n not in skip]
-    with staged_output(out_dir) as tmp:
-        tmp.mkdir()
+    with staged_output(out_dir, **output_rules) as tmp:
         hf_config.save_pretrained(tmp)
         transformers.GenerationConfig(bos_token_id=_BOS_ID, eos_token_id=_EOS_ID, do_sample=True, temperature=0.8,
                                       top_k=50).save_pretrained(tmp)
@@ -99,7 +112,7 @@ def read_hf_folder(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Ten
     if any(hf_dir.glob("model*.safetensors")):
         hf_state = read_safetensors_folder(hf_dir)
     elif (hf_dir / "pytorch_model.bin").is_file():
-        hf_state = torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        hf_state = load_weights_file(hf_dir / "pytorch_model.bin")
     else:
         raise CheckpointError(f"{hf_dir} has no weights (model.safetensors, its index, or pytorch_model.bin)")
     state = {}
@@ -110,18 +123,19 @@ def read_hf_folder(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Ten
             raise CheckpointError(f"{hf_dir}: weight {name!r} has no place in this project's "
                                   f"{config.model_type} model") from None
     for duplicate in tied_duplicates(config):  # written once by transformers when tie_word_embeddings is set
-        source = {"lm_head.weight": "tok_embeddings.weight" if config.model_type == "transformer"
-                  else "backbone.embedding.weight"}[duplicate]
+        source = {"lm_head.weight": "backbone.embedding.weight" if config.model_type == "mamba"
+                  else "tok_embeddings.weight"}[duplicate]
         state.setdefault(duplicate, state.get(source))
     state = {k: v for k, v in state.items() if v is not None}
     check_weights({k: tuple(v.shape) for k, v in state.items()}, config, str(hf_dir))
     return config, state
 
 
-def import_hf_folder(hf_dir: str | Path, out_path: str | Path) -> Path:
+def import_hf_folder(hf_dir: str | Path, out_path: str | Path, *, overwrite: bool = False) -> Path:
     """Write a transformers folder as this project's original-format `.pt`."""
+    check_output(out_path, overwrite=overwrite, inputs=[hf_dir])  # refused before anything is read
     config, state = read_hf_folder(hf_dir)
-    with staged_output(out_path) as tmp:
+    with staged_output(out_path, overwrite=overwrite, inputs=[hf_dir]) as tmp:
         torch.save({"config": config.model_dump(), "model_state_dict": state, "step": 0,
                     "source": str(Path(hf_dir).resolve())}, tmp)
     return Path(out_path)

@@ -14,6 +14,7 @@ from torch import nn
 
 from engine.checkpoint.manager import TAG_PATTERN, latest_tag
 from engine.errors import CheckpointError
+from engine.checkpoint.safe_load import check_tree, load_weights_file
 from model import ModelConfig, create_model
 
 
@@ -52,10 +53,7 @@ def _build(config: ModelConfig, state_dict: dict[str, torch.Tensor], source: Pat
 
 
 def _load_pt(path: Path) -> LoadedModel:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and torch errors all mean the same to the user
-        raise CheckpointError(f"{path} is not a readable torch checkpoint: {err}") from None
+    ckpt = load_weights_file(path)  # CheckpointError names the file (unreadable, or naming foreign code)
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model_state_dict" not in ckpt:
         raise CheckpointError(f"{path} lacks 'config' and 'model_state_dict': not a final_model.pt / best_model.pt "
                               "of this project")
@@ -86,6 +84,7 @@ def _load_deepspeed(path: Path) -> LoadedModel:
 def _load_exported(folder: Path) -> LoadedModel:
     # tools/convert_checkpoint.py (issue 9) writes this project's ModelConfig as model_config.json beside the
     # safetensors shards; a transformers folder has config.json with `architectures`.
+    check_tree(folder)  # a pytorch_model.bin that transformers could fall back to is a pickle too
     own = folder / "model_config.json"
     config_json = json.loads((own if own.is_file() else folder / "config.json").read_text())
     if "architectures" in config_json:  # a transformers folder: let transformers read it

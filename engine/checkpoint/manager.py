@@ -7,7 +7,6 @@ original project's format: {'config': ModelConfig dict, 'model_state_dict': fp32
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 from deepspeed.utils import safe_get_full_fp32_param
 from torch._utils import _unflatten_dense_tensors
 
+from data.output import staged_output
 from engine import distributed
 from engine.checkpoint.commit import (TAG_PATTERN, CheckpointCommitter, checkpoint_tag,  # noqa: F401 - public API
                                       latest_tag, list_checkpoint_tags)
@@ -22,20 +22,13 @@ from engine.faults import kill_point
 from engine.numerics import check_finite_weights
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary name, fsync, then rename: a crash never leaves a truncated file at `path`,
-    and a failed write (disk full) removes its temporary file."""
+    """torch.save through the one writer (data/output.py): a temporary name, fsync, then rename, so a crash never
+    leaves a truncated file at `path` and a failed write (disk full) removes its temporary file. The run's own
+    exports (`final_model.pt`, `best_model.pt`) live in its checkpoint dir and replace the run's earlier ones."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with staged_output(path, overwrite=True, inside_checkpoint_ok=True, what="export") as tmp:
         torch.save(obj, tmp)
         kill_point(f"export.{path.name}", half_written=tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _unfused_master_weights(optimizer) -> dict[int, torch.Tensor]:
@@ -101,8 +94,9 @@ class CheckpointManager(CheckpointCommitter):
     engine/checkpoint/commit.py (CheckpointCommitter); this class adds the exports.
     """
 
-    def __init__(self, checkpoint_dir: str | Path, *, keep_last: int, run_record: dict[str, Any]):
-        super().__init__(checkpoint_dir, keep_last=keep_last, run_record=run_record)
+    def __init__(self, checkpoint_dir: str | Path, *, keep_last: int, run_record: dict[str, Any],
+                 node_local: bool = False):
+        super().__init__(checkpoint_dir, keep_last=keep_last, run_record=run_record, node_local=node_local)
 
     def export_model(self, engine, path: str | Path, *, model_config: dict[str, Any],
                      extra: dict[str, Any]) -> Path | None:

@@ -16,12 +16,12 @@ One command does the same by hand: `python tools/convert_checkpoint.py CKPT_DIR 
 """
 from __future__ import annotations
 
-import argparse
 import re
-import shutil
 from pathlib import Path
 
+from data.output import leftovers, remove, staged_output
 from engine.errors import CheckpointError
+from engine.checkpoint.safe_load import convert_to_universal, load_deepspeed_checkpoint
 
 UNIVERSAL_SUBDIR = "universal"
 """The converted copy lives inside the checkpoint it came from, so pruning that checkpoint removes it too."""
@@ -54,11 +54,9 @@ def universal_load_tag(tag: str) -> str:
 def ensure_universal(folder: str | Path) -> Path:
     """Convert the DeepSpeed checkpoint `folder` to `folder/universal` unless that exists; returns it.
 
-    Single process (rank 0 only): ds_to_universal runs its extract and merge passes in this process when given
-    one worker, which keeps it off the training ranks' process group and bounded in memory (one parameter's
-    fragments at a time)."""
-    from deepspeed.checkpoint import ds_to_universal
-
+    Single process (rank 0 only), through engine/checkpoint/safe_load.py (every pickle of `folder` is checked first) and
+    data/output.py (written under a temporary name inside `folder` and renamed, so a crash never leaves a
+    half-converted folder that a later resume would trust)."""
     folder = Path(folder)
     out = universal_folder(folder)
     if out.is_dir():
@@ -69,23 +67,24 @@ def ensure_universal(folder: str | Path) -> Path:
     if _saved_optimizer(folder) == "muon":  # launcher/resume.py refuses this before the ranks start
         raise CheckpointError(f"{folder} holds Muon states, which DeepSpeed 0.19.8's universal converter cannot "
                               f"take (it reads Adam's exp_avg only): resume on the rank count that saved it")
-    tmp = folder / f".{UNIVERSAL_SUBDIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a conversion that was killed
-    args = argparse.Namespace(input_folder=str(folder), output_folder=str(tmp), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True,
-                              # Our engines save no UNIVERSAL_CHECKPOINT_INFO (no tensor/pipeline parallelism
-                              # to describe); ds_to_universal's own flag adds the version-only record it needs.
-                              inject_missing_state=True)
+    for leftover in leftovers(folder, UNIVERSAL_SUBDIR):  # a conversion that was killed
+        remove(leftover)
     try:
-        ds_to_universal.main(args)
-    except Exception as error:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not convert {folder} to DeepSpeed's universal format: {error}") from error
+        # The converted copy belongs to the checkpoint it came from (pruned with it): the one output that is
+        # written inside a checkpoint folder.
+        with staged_output(out, folder=True, inside_checkpoint_ok=True, what="the universal copy") as tmp:
+            remove(tmp)  # ds_to_universal creates its output folder itself
+            try:
+                convert_to_universal(folder, tmp)
+            except CheckpointError:
+                raise
+            except Exception as error:
+                raise CheckpointError(f"could not convert {folder} to DeepSpeed's universal format: "
+                                      f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
     finally:
         # ds_to_universal points a `latest_universal` file in the output's parent at the output; we load by
         # explicit tag, so the pointer (to the temporary name) would only mislead.
         (folder / "latest_universal").unlink(missing_ok=True)
-    tmp.rename(out)
     return out
 
 
@@ -123,7 +122,7 @@ def load_universal(engine, checkpoint_dir: str | Path, tag: str):
     kept = [{k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")} for group in groups]
     engine._config.load_universal_checkpoint = True
     try:
-        result = engine.load_checkpoint(str(checkpoint_dir), tag=universal_load_tag(tag))
+        result = load_deepspeed_checkpoint(engine, checkpoint_dir, universal_load_tag(tag))
     finally:
         engine._config.load_universal_checkpoint = False
     for group, hyperparameters in zip(engine.optimizer.param_groups, kept):

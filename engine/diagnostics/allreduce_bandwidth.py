@@ -39,24 +39,25 @@ def bus_bandwidth(algbw: float, world_size: int) -> float:
 
 
 def measure_all_reduce(sizes_bytes: list[int], *, device: torch.device, iterations: int = 20,
-                       warmup: int = 5, dtype: torch.dtype = torch.float32) -> list[AllReduceResult]:
-    """Time dist.all_reduce (sum) of each size on every rank; returns the same results on every rank."""
-    world = dist.get_world_size()
+                       warmup: int = 5, dtype: torch.dtype = torch.float32, group=None) -> list[AllReduceResult]:
+    """Time dist.all_reduce (sum) of each size on every rank of `group` (default: all); returns the same results on
+    every rank of it."""
+    world = dist.get_world_size(group)
     results = []
     for size in sizes_bytes:
         buffer = torch.ones(max(1, size // torch.tensor([], dtype=dtype).element_size()), dtype=dtype, device=device)
         for _ in range(warmup):
-            dist.all_reduce(buffer)
+            dist.all_reduce(buffer, group=group)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        dist.barrier()
+        dist.barrier(group=group)
         start = time.perf_counter()
         for _ in range(iterations):
-            dist.all_reduce(buffer)
+            dist.all_reduce(buffer, group=group)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = torch.tensor([(time.perf_counter() - start) / iterations], dtype=torch.float64, device=device)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the collective is as slow as its slowest rank
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)  # as slow as its slowest rank
         seconds = elapsed.item()
         nbytes = buffer.numel() * buffer.element_size()
         algbw = nbytes / seconds / 1e9
@@ -104,3 +105,22 @@ def run_all_reduce_benchmark(world_size: int, sizes_bytes: list[int], *, backend
         codes = [p.exitcode for p in processes]
         raise RuntimeError(f"all-reduce benchmark failed ({'timed out' if stuck else f'exit codes {codes}'})")
     return [AllReduceResult(**r) for r in queue.get()]
+
+
+def measure_across_nodes(sizes_bytes: list[int], *, ranks_per_node: int, device: torch.device,
+                         iterations: int = 20) -> tuple[list[AllReduceResult], list[AllReduceResult]]:
+    """Under a multi-node launcher (every rank calls): the all-reduce over all ranks, and over one rank per node.
+
+    The second group's traffic all crosses the inter-node link, one rank per node, so its busbw is what a node can
+    send to the others: the figure for the plan's --internode_bandwidth (launcher/planning/internode.py). Ranks are placed
+    node by node (DeepSpeed's launcher and torchrun both give node k the ranks k * ranks_per_node onwards). Returns
+    (all ranks, node leaders); the second list is empty on ranks that are not node leaders."""
+    world = dist.get_world_size()
+    everyone = measure_all_reduce(sizes_bytes, device=device, iterations=iterations)
+    leaders = list(range(0, world, ranks_per_node))
+    group = dist.new_group(leaders)  # every rank must take part in creating it
+    across = []
+    if dist.get_rank() in leaders and len(leaders) > 1:
+        across = measure_all_reduce(sizes_bytes, device=device, iterations=iterations, group=group)
+    dist.barrier()
+    return everyone, across

@@ -50,6 +50,10 @@ def load_transformers_baseline(name_or_path: str, *, local_only: bool, max_conte
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     repo = BASELINES.get(name_or_path, name_or_path)
+    if Path(repo).is_dir():  # a local folder: its pickles (pytorch_model.bin) pass the one loader's check first
+        from engine.checkpoint.safe_load import check_tree
+
+        check_tree(repo)
     tokenizer = AutoTokenizer.from_pretrained(repo, local_files_only=local_only)
     model = AutoModelForCausalLM.from_pretrained(repo, local_files_only=local_only, dtype=torch.float32)
     model.to(device).eval()

@@ -3,9 +3,10 @@ to temporary names and renamed so that an interrupted evaluation leaves no half-
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from data.output import check_output, staged_output
 
 
 def _fmt(value: Any) -> str:
@@ -38,17 +39,25 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_report(report: dict[str, Any], folder: str | Path, stem: str) -> tuple[Path, Path]:
-    """Write `<stem>.json` and `<stem>.md` into folder; returns their paths."""
+def report_paths(folder: str | Path, stem: str) -> tuple[Path, Path, Path]:
+    """The JSON, Markdown and loss-curve PNG of a report."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = folder / f"{stem}.json", folder / f"{stem}.md"
-    _atomic_write(json_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    _atomic_write(md_path, render_markdown(report))
+    return folder / f"{stem}.json", folder / f"{stem}.md", folder / f"{stem}_loss.png"
+
+
+def check_report_paths(folder: str | Path, stem: str, *, overwrite: bool, inputs: list) -> None:
+    """OutputError now, before an evaluation that may take long, if the report could not be written."""
+    for path in report_paths(folder, stem):
+        check_output(path, overwrite=overwrite, inputs=inputs, what="report")
+
+
+def write_report(report: dict[str, Any], folder: str | Path, stem: str, *, overwrite: bool = False,
+                 inputs: list = ()) -> tuple[Path, Path]:
+    """Write `<stem>.json` and `<stem>.md` into folder through the one writer (data/output.py); returns their
+    paths."""
+    json_path, md_path, _ = report_paths(folder, stem)
+    for path, text in ((json_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n"),
+                       (md_path, render_markdown(report))):
+        with staged_output(path, overwrite=overwrite, inputs=inputs, what="report") as tmp:
+            tmp.write_text(text, encoding="utf-8")
     return json_path, md_path

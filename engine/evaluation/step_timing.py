@@ -154,6 +154,12 @@ def transformers_model(config: ModelConfig) -> torch.nn.Module:
         if config.ssm_type == "mamba2":
             return transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**kwargs))
         return transformers.MambaForCausalLM(transformers.MambaConfig(**kwargs))
+    if config.model_type == "hybrid":
+        from model.hybrid.hf import transformers_config_kwargs as hybrid_kwargs
+
+        # pad_token_id None: BambaConfig's default 0 would freeze that embedding row (padding_idx).
+        return transformers.BambaForCausalLM(transformers.BambaConfig(
+            **hybrid_kwargs(config), pad_token_id=None, attn_implementation="sdpa"))
     raise ValueError(f"no transformers peer for model_type {config.model_type!r}")
 
 

@@ -368,17 +368,18 @@ def activation_bytes(model: ModelConfig, layout: Layout) -> int:
     """
     ab = DTYPE_BYTES[layout.precision]
     tokens = layout.micro_batch * layout.seq_len
-    per_layer = model_sizes.layer_activation_bytes(model, ab, seq_len=layout.seq_len, on_cuda=layout.on_cuda,
-                                                   fused_ssm_kernels=layout.fused_ssm_kernels)
+    # Each block's own bytes: the hybrid's attention and Mamba layers differ (model/hybrid/costs.py).
+    per_layer = model_sizes.activation_bytes_per_layer(model, ab, seq_len=layout.seq_len, on_cuda=layout.on_cuda,
+                                                       fused_ssm_kernels=layout.fused_ssm_kernels)
     checkpointed = layout.num_checkpointed_blocks
     if checkpointed > model.n_layers:
         raise ValueError(f"{checkpointed} checkpointed blocks, but the model has {model.n_layers} (model.n_layers)")
     block_input = model_sizes.layer_input_bytes(model, ab)
-    kept = checkpointed * block_input + (model.n_layers - checkpointed) * per_layer
+    kept = checkpointed * block_input + sum(per_layer[checkpointed:])
     if checkpointed:
-        kept = max(kept, (checkpointed - 1) * block_input + per_layer)  # block N - 1 recomputed
+        kept = max(kept, (checkpointed - 1) * block_input + per_layer[checkpointed - 1])  # block N - 1 recomputed
     head = model_sizes.head_activation_bytes(model, ab, on_cuda=layout.on_cuda)
-    return tokens * (kept + BACKWARD_WORKSPACE_LAYERS * per_layer + head)
+    return tokens * (kept + BACKWARD_WORKSPACE_LAYERS * max(per_layer) + head)
 
 
 def estimate_memory(model: ModelConfig, layout: Layout) -> MemoryEstimate:

@@ -79,6 +79,18 @@ def layer_activation_bytes(m: ModelConfig, act_bytes: int, *, seq_len: int, on_c
                                                              fused_ssm_kernels=fused_ssm_kernels)
 
 
+def activation_bytes_per_layer(m: ModelConfig, act_bytes: int, *, seq_len: int, on_cuda: bool = True,
+                               fused_ssm_kernels: bool = True) -> list[int]:
+    """Bytes each block saves for backward per token, in block order: a family whose blocks differ (the hybrid's
+    attention and Mamba layers) states each; for the others every block is `layer_activation_bytes`."""
+    costs = family_costs(m.model_type)
+    if hasattr(costs, "activation_bytes_per_layer"):
+        return costs.activation_bytes_per_layer(m, act_bytes, seq_len=seq_len, on_cuda=on_cuda,
+                                                fused_ssm_kernels=fused_ssm_kernels)
+    return [layer_activation_bytes(m, act_bytes, seq_len=seq_len, on_cuda=on_cuda,
+                                   fused_ssm_kernels=fused_ssm_kernels)] * m.n_layers
+
+
 def layer_input_bytes(m: ModelConfig, act_bytes: int) -> int:
     """Bytes per token a checkpointed block keeps: its input."""
     return family_costs(m.model_type).layer_input_bytes(m, act_bytes)

@@ -106,6 +106,13 @@ class Plan:
     """What it was planned against."""
     candidates: tuple[Candidate, ...] = field(default=(), repr=False)
     """Every layout evaluated, in order of preference."""
+    num_nodes: int = 1
+    """Nodes the ranks are spread over (world_size / num_nodes per node); launcher/planning/internode.py plans across
+    them."""
+    zero_hpz_partition_size: int = 1
+    """ZeRO-3 hierarchical partitioning (ZeRO++ hpZ): ranks holding a secondary copy of the weights; 1 = off."""
+    nodes_description: str = ""
+    """The nodes and the inter-node link, and where both figures come from ('' on one node)."""
 
     @property
     def global_batch(self) -> int:
@@ -171,8 +178,9 @@ def _micro_batches(model: ModelConfig, training: TrainingConfig, world_size: int
 
 
 def evaluate_layouts(model: ModelConfig, training: TrainingConfig, world_size: int,
-                     budget: MemoryBudget = UNLIMITED) -> list[Candidate]:
-    """Every allowed layout at its largest fitting micro-batch, in order of preference (best first)."""
+                     budget: MemoryBudget = UNLIMITED, *, num_nodes: int = 1) -> list[Candidate]:
+    """Every allowed layout at its largest fitting micro-batch, in order of preference (best first); across nodes
+    ZeRO-3 ranks after every ZeRO 0-2 layout of its offload tier (launcher/planning/internode.py says why)."""
     layers = model.n_layers
     candidates = []
     for stage, offload, blocks in _layouts(training, layers):
@@ -199,7 +207,7 @@ def evaluate_layouts(model: ModelConfig, training: TrainingConfig, world_size: i
                                     num_layers=layers, micro_batch=fitting, estimate=best, note=problem))
     # Within one (offload, checkpointing) tier, ZeRO 0-2 cost the same communication: the larger micro-batch wins.
     ranked = sorted(enumerate(candidates), key=lambda item: (
-        _tier(item[1]), -(item[1].micro_batch or 0) if item[1].zero_stage < 3 else 0, item[0]))
+        _tier(item[1], num_nodes), -(item[1].micro_batch or 0) if item[1].zero_stage < 3 else 0, item[0]))
     return [c for _, c in ranked]
 
 
@@ -219,15 +227,18 @@ def _fewest_blocks(estimate_at, budget: MemoryBudget, num_layers: int,
     return high, found
 
 
-def _tier(c: Candidate) -> tuple[int, bool, bool]:
-    return (["none", "optimizer", "optimizer+params"].index(c.offload), c.num_checkpointed_blocks > 0,
-            c.zero_stage == 3)
+def _tier(c: Candidate, num_nodes: int = 1) -> tuple[int, bool, bool]:
+    offload = ["none", "optimizer", "optimizer+params"].index(c.offload)
+    if num_nodes > 1:  # across nodes ZeRO-3's extra all-gathers cost more than recomputing blocks
+        return (offload, c.zero_stage == 3, c.num_checkpointed_blocks > 0)
+    return (offload, c.num_checkpointed_blocks > 0, c.zero_stage == 3)
 
 
 def choose_plan(model: ModelConfig, training: TrainingConfig, world_size: int,
-                budget: MemoryBudget = UNLIMITED) -> Plan:
-    """The fastest layout that fits `budget` (UNLIMITED: explicit values and the token target alone decide)."""
-    candidates = tuple(evaluate_layouts(model, training, world_size, budget))
+                budget: MemoryBudget = UNLIMITED, *, num_nodes: int = 1) -> Plan:
+    """The fastest layout that fits `budget` (UNLIMITED: explicit values and the token target alone decide), on
+    `num_nodes` nodes of world_size / num_nodes ranks."""
+    candidates = tuple(evaluate_layouts(model, training, world_size, budget, num_nodes=num_nodes))
     fitting = [c for c in candidates if c.fits]
     if not fitting:
         raise PlanError(_nothing_fits_message(model, training, world_size, budget, candidates), candidates)
@@ -238,7 +249,7 @@ def choose_plan(model: ModelConfig, training: TrainingConfig, world_size: int,
                 offload_params=best.offload == "optimizer+params", micro_batch=best.micro_batch, grad_accum=accum,
                 num_checkpointed_blocks=best.num_checkpointed_blocks, num_layers=best.num_layers,
                 world_size=world_size, seq_len=model.max_seq_len, reason=_reason(best, candidates, training, budget),
-                memory=best.estimate, budget=budget, candidates=candidates)
+                memory=best.estimate, budget=budget, candidates=candidates, num_nodes=num_nodes)
 
 
 def _reason(best: Candidate, candidates: tuple[Candidate, ...], training: TrainingConfig,

@@ -65,13 +65,15 @@ def render_plan(plan: Plan, model: ModelConfig, training: TrainingConfig, *, nam
     """The full dry-run report: context, the candidate table, the chosen plan and why."""
     memory = plan.memory
     num_params = memory.num_params if memory is not None else 0
+    layout = f" = {plan.num_nodes} nodes x {plan.world_size // plan.num_nodes} GPUs" if plan.num_nodes > 1 else ""
     title = (f"Memory plan{' for ' + name if name else ''}: {model.model_type}, {_count(num_params)} parameters, "
-             f"{training.precision}, sequence {model.max_seq_len}, {plan.world_size} rank(s), "
+             f"{training.precision}, sequence {model.max_seq_len}, {plan.world_size} rank(s){layout}, "
              f"{_optimizer_label(model, training)}")
     chosen = next((c for c in plan.candidates if c.fits and c.zero_stage == plan.zero_stage
                    and c.offload == plan.offload and c.num_checkpointed_blocks == plan.num_checkpointed_blocks),
                   None)
-    lines = [title, _budget_line(plan.budget), "",
+    lines = [title, _budget_line(plan.budget), *([f"Nodes: {plan.nodes_description}"] if plan.nodes_description
+                                                 else []), "",
              "Per rank, GiB (micro-batch in parentheses: the smallest tried, which does not fit; host = whole node):",
              render_candidates(plan.candidates, chosen), ""]
     target = training.tokens_per_step
@@ -84,5 +86,7 @@ def render_plan(plan: Plan, model: ModelConfig, training: TrainingConfig, *, nam
                      f"({_gib(memory.allocated)} GiB allocated at the {memory.peak_moment} peak, as "
                      f"torch.cuda.max_memory_allocated counts), host RAM {_gib(memory.cpu_total)} GiB "
                      f"(node with rank 0 while it writes final_model.pt: {_gib(memory.export_host)} GiB)")
+    if plan.zero_hpz_partition_size > 1:
+        lines.append(f"ZeRO++ hierarchical partitioning: zero_hpz_partition_size {plan.zero_hpz_partition_size}")
     lines.append(f"Why: {plan.reason}")
     return "\n".join(lines)

@@ -42,17 +42,10 @@ def mamba_layer_activation_bytes(m: ModelConfig, act_bytes: int, *, fused_kernel
     the normalised tensor in the weight's dtype and its output.
     """
     dims, d, a = mamba_dims(m), m.d_model, act_bytes
-    di, conv, n = dims["d_inner"], dims["conv_dim"], m.d_state
+    di, n = dims["d_inner"], m.d_state
     norm = FP32_BYTES * (d + 1) + 2 * a * d
     if m.ssm_type == "mamba2":
-        h, g = dims["nheads"], m.ngroups
-        if fused_kernels:
-            # in_proj output zxbcdt (kept whole: z feeds the gated norm, dt the scan, the conv reads a view), conv
-            # output xBC (its x, B, C views are the scan's inputs), scan output y, gated-norm output (out_proj's
-            # input); fp32 dA_cumsum per head and norm rstd per group (mamba_ssm/ops/triton/ssd_combined.py
-            # MambaChunkScanCombinedFn saves out, x, dt, dA_cumsum, B, C, z; layernorm_gated.py).
-            return norm + a * (dims["d_in_proj"] + conv + 2 * di) + FP32_BYTES * (h + g)
-        return norm + _mamba2_reference_bytes(m, a, seq_len)
+        return norm + mamba2_mixer_saved_bytes(m, a, seq_len=seq_len, fused_kernels=fused_kernels)
     r = dims["dt_rank"]
     if fused_kernels:
         # mamba_inner_fn (mamba_ssm/ops/selective_scan_interface.py MambaInnerFn, checkpoint_lvl=1, the default):
@@ -61,6 +54,19 @@ def mamba_layer_activation_bytes(m: ModelConfig, act_bytes: int, *, fused_kernel
         chunks = -(-seq_len // MAMBA1_SCAN_CHUNK)
         return norm + a * (3 * di + r + 4 * n) + FP32_BYTES * 2 * n * di * chunks // seq_len
     return norm + _mamba1_reference_bytes(m, a, seq_len)
+
+
+def mamba2_mixer_saved_bytes(m: ModelConfig, a: int, *, seq_len: int, fused_kernels: bool) -> int:
+    """Bytes the Mamba-2 mixer saves per token beyond its input (in_proj's input, the norm output before it);
+    model/hybrid/costs.py counts its Mamba layers' mixers with it too."""
+    if not fused_kernels:
+        return _mamba2_reference_bytes(m, a, seq_len)
+    dims = mamba_dims(m)
+    # in_proj output zxbcdt (kept whole: z feeds the gated norm, dt the scan, the conv reads a view), conv output xBC
+    # (its x, B, C views are the scan's inputs), scan output y, gated-norm output (out_proj's input); fp32 dA_cumsum
+    # per head and norm rstd per group (mamba_ssm/ops/triton/ssd_combined.py MambaChunkScanCombinedFn saves out, x,
+    # dt, dA_cumsum, B, C, z; layernorm_gated.py).
+    return a * (dims["d_in_proj"] + dims["conv_dim"] + 2 * dims["d_inner"]) + FP32_BYTES * (dims["nheads"] + m.ngroups)
 
 
 def _mamba2_reference_bytes(m: ModelConfig, a: int, seq_len: int) -> int:

@@ -111,7 +111,8 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, small_tokenizer, mo
     monkeypatch.setattr(preprocess_module, "iter_documents", dies_after_100)
     with pytest.raises(KeyboardInterrupt):
         preprocess(source, options(tmp_path / "resumed", small_tokenizer))
-    folder = tmp_path / "resumed"
+    assert not (tmp_path / "resumed").exists()  # published under its name only when complete
+    folder = tmp_path / ".resumed.partial"  # data/output.py's staging folder, kept for the resume
     assert not (folder / "meta.json").exists() and (folder / "progress.json").exists()
     finished = sorted(p.name for p in folder.glob("train_*.idx"))
     assert finished  # some shard pairs were finished before the interruption ...
@@ -123,7 +124,9 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, small_tokenizer, mo
     (folder / "val_00099.idx").write_bytes(b"junk")
 
     monkeypatch.setattr(preprocess_module, "iter_documents", real)
-    preprocess(source, options(folder, small_tokenizer))
+    preprocess(source, options(tmp_path / "resumed", small_tokenizer))
+    assert not folder.exists()
+    folder = tmp_path / "resumed"
     straight_files = sorted(p.name for p in (tmp_path / "straight").iterdir())
     assert sorted(p.name for p in folder.iterdir()) == straight_files
     for name in straight_files:
@@ -170,4 +173,31 @@ def test_bad_input_is_one_data_error_and_leaves_nothing(tmp_path, small_tokenize
         spec, expected = "no-such-dataset", "unknown dataset 'no-such-dataset'"
     with pytest.raises(DataError, match=expected):
         preprocess(resolve_source(spec), options(out, small_tokenizer))
-    assert not out.exists()
+    assert not out.exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_an_in_place_interrupted_run_of_an_earlier_version_resumes(tmp_path, small_tokenizer, monkeypatch):
+    """Before the one writer, an interrupted run left progress.json in --output itself: it still resumes there
+    (the folder holds only a shard set's files), to the bytes of an uninterrupted run."""
+    source = resolve_source(str(write_jsonl(tmp_path / "c.jsonl", make_documents(150, seed=3))))
+    preprocess(source, options(tmp_path / "straight", small_tokenizer))
+    real = preprocess_module.iter_documents
+
+    def dies_after_100(source, *, skip=0):
+        for count, text in enumerate(real(source, skip=skip)):
+            if count == 100:
+                raise KeyboardInterrupt("simulated Ctrl+C")
+            yield text
+
+    monkeypatch.setattr(preprocess_module, "iter_documents", dies_after_100)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess(source, options(tmp_path / "old", small_tokenizer))
+    (tmp_path / ".old.partial").rename(tmp_path / "old")  # where an earlier version kept it
+    monkeypatch.setattr(preprocess_module, "iter_documents", real)
+    preprocess(source, options(tmp_path / "old", small_tokenizer))
+    assert snapshot_shards(tmp_path / "old") == snapshot_shards(tmp_path / "straight")
+    assert not (tmp_path / ".old.partial").exists()
+
+
+def snapshot_shards(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix in (".bin", ".idx")}

@@ -22,6 +22,8 @@ FAMILIES = {
     "mamba2": ("tiny_mamba", ["model.d_model=64", "model.n_layers=2", "model.d_state=16", "model.headdim=32",
                               "model.chunk_size=32"]),
     "mamba1": ("tiny_mamba", ["model.d_model=64", "model.n_layers=2", "model.d_state=8", "model.ssm_type=mamba1"]),
+    "hybrid": ("tiny_hybrid", ["model.d_model=64", "model.n_layers=2", "model.layer_pattern=MA", "model.n_heads=4",
+                               "model.n_kv_heads=2", "model.d_state=16", "model.headdim=32", "model.chunk_size=32"]),
 }
 
 

@@ -1,5 +1,6 @@
 """Train a few steps of a small model and save the final fp32 weights: run in-process (one rank) or under torchrun
-(two ranks) by tests/engine/test_rank_equivalence.py. argv: DATA_CACHE OUT_DIR MICRO_BATCH ACCUM STAGE [STAGE...]."""
+(two ranks) by tests/engine/test_rank_equivalence.py, and on two DeepSpeed "nodes" by tests/launcher/test_multinode.py.
+argv: DATA_CACHE OUT_DIR MICRO_BATCH ACCUM STAGE [STAGE...]; a STAGE may name the family, e.g. mamba:3."""
 from __future__ import annotations
 
 import json
@@ -17,9 +18,13 @@ import torch  # noqa: E402
 
 STEPS = 5
 MODEL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64"]
+FAMILIES = {"transformer": ("tiny", MODEL),
+            "mamba": ("tiny_mamba", ["model.d_model=64", "model.n_layers=2", "model.d_state=16", "model.headdim=32",
+                                     "model.chunk_size=32", "model.max_seq_len=64"])}
 
 
-def train_and_save(data_cache: str, out_dir: Path, micro_batch: int, accum: int, stage: int) -> Path:
+def train_and_save(data_cache: str, out_dir: Path, micro_batch: int, accum: int, stage: int,
+                   family: str = "transformer") -> Path:
     """STEPS optimizer steps of the tiny preset (small model) at a real learning rate (warm-up 1: step 1 runs at
     the peak); rank 0 writes the fp32 weights, each step's loss and pre-clip gradient norm, and the window indices
     the trainers of all ranks actually read."""
@@ -31,9 +36,10 @@ def train_and_save(data_cache: str, out_dir: Path, micro_batch: int, accum: int,
     from launcher.planning.plan import choose_plan
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    tag = f"ws{world_size}_mb{micro_batch}_acc{accum}_zero{stage}"
-    run = build_run_config(preset="tiny", overrides=[
-        *MODEL, f"training.zero_stage={stage}", f"training.batch_size={micro_batch}",
+    tag = f"ws{world_size}_mb{micro_batch}_acc{accum}_zero{stage}" + ("" if family == "transformer" else f"_{family}")
+    preset, model = FAMILIES[family]
+    run = build_run_config(preset=preset, overrides=[
+        *model, f"training.zero_stage={stage}", f"training.batch_size={micro_batch}",
         f"training.gradient_accumulation_steps={accum}", "training.learning_rate=3e-3", "training.warmup_steps=1",
         f"training.max_steps={STEPS}", f"training.checkpoint_dir={out_dir / tag / 'ckpt'}",
         f"training.output_dir={out_dir / tag / 'out'}", f"data.cache_dir={data_cache}"])
@@ -79,10 +85,12 @@ def train_and_save(data_cache: str, out_dir: Path, micro_batch: int, accum: int,
 def main() -> None:
     from engine.distributed import init_distributed, teardown_distributed
 
-    data_cache, out_dir, micro_batch, accum, *stages = sys.argv[1:]
+    # The DeepSpeed launcher puts --local_rank=N before the script's own arguments.
+    data_cache, out_dir, micro_batch, accum, *stages = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     init_distributed()
     for stage in stages:
-        train_and_save(data_cache, Path(out_dir), int(micro_batch), int(accum), int(stage))
+        family, _, number = stage.rpartition(":")
+        train_and_save(data_cache, Path(out_dir), int(micro_batch), int(accum), int(number), family or "transformer")
     teardown_distributed()
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from data.output import staged_output
 from engine.checkpoint import export, hugging_face as hf_export
 from model import ModelConfig, create_model
 from tests.conftest import REPO_ROOT, run_job, run_two_ranks
@@ -20,8 +21,8 @@ from tools import convert_checkpoint
 
 # Every stage and precision once, families alternating; Mamba-1 once (the HF round trip needs it).
 LAYOUTS_WS1 = ["transformer-0-fp32", "mamba2-0-bf16", "mamba2-2-fp32", "transformer-2-bf16", "transformer-3-fp32",
-               "mamba2-3-bf16", "mamba1-2-fp32"]
-LAYOUTS_WS2 = ["transformer-0-bf16", "mamba2-2-fp32", "transformer-3-bf16", "mamba2-3-fp32"]
+               "mamba2-3-bf16", "mamba1-2-fp32", "hybrid-0-fp32", "hybrid-2-bf16", "hybrid-3-fp32"]
+LAYOUTS_WS2 = ["transformer-0-bf16", "mamba2-2-fp32", "transformer-3-bf16", "mamba2-3-fp32", "hybrid-3-bf16"]
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +68,7 @@ def check_pt_and_safetensors(folder: Path, tmp_path: Path) -> None:
     reloaded = export.load_safetensors_model(st_dir)
     assert_equal_to_live(reloaded.state_dict(), folder)
     assert reloaded.config == model.config
-    assert not list(tmp_path.glob(".*partial"))
+    assert not list(tmp_path.glob(".*partial*"))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS_WS1)
@@ -83,7 +84,8 @@ def test_world_size_2_converts_to_the_live_master_weights(trained_ws2, layout, t
 
 @pytest.mark.parametrize("layout, hf_class", [("transformer-3-fp32", "LlamaForCausalLM"),
                                               ("mamba2-2-fp32", "Mamba2ForCausalLM"),
-                                              ("mamba1-2-fp32", "MambaForCausalLM")])
+                                              ("mamba1-2-fp32", "MambaForCausalLM"),
+                                              ("hybrid-3-fp32", "BambaForCausalLM")])
 def test_hf_round_trip(trained_ws1, layout, hf_class, tmp_path, data_cache, native_linear):
     transformers = pytest.importorskip("transformers")
     folder = trained_ws1[layout]
@@ -110,7 +112,10 @@ def test_hf_round_trip(trained_ws1, layout, hf_class, tmp_path, data_cache, nati
     # context length (a training setting there), Llama's max_position_embeddings carries it.
     assert got.ffn_dim == ours.config.ffn_dim
     exclude = {"ffn_hidden"} | ({"max_seq_len"} if got.model_type == "mamba" else set()) | \
-        ({"chunk_size"} if got.ssm_type == "mamba1" and got.model_type == "mamba" else set())  # Mamba-2 only
+        ({"chunk_size"} if got.ssm_type == "mamba1" and got.model_type == "mamba" else set()) | \
+        ({"layer_pattern"} if got.model_type == "hybrid" else set())  # Bamba lists the attention layers' indices
+    if got.model_type == "hybrid":
+        assert got.layer_pattern == [1] and ours.config.layer_pattern == "MA"
     assert got.model_dump(exclude=exclude) == ours.config.model_dump(exclude=exclude)
     assert_equal_to_live(imported["model_state_dict"], folder)
 
@@ -123,7 +128,7 @@ def export_tokenizer_ids(folder: Path, text: str) -> list[int]:
         model_file=str(hf_export.default_tokenizer_path(run_config))).encode(text)
 
 
-@pytest.mark.parametrize("kind", ["llama", "mamba2", "mamba"])
+@pytest.mark.parametrize("kind", ["llama", "mamba2", "mamba", "bamba"])
 def test_import_of_a_model_built_by_transformers(kind, tmp_path, native_linear):
     """A transformers model made in the test (never downloaded) imports into our .pt with the same logits."""
     transformers = pytest.importorskip("transformers")
@@ -136,6 +141,11 @@ def test_import_of_a_model_built_by_transformers(kind, tmp_path, native_linear):
     elif kind == "mamba2":
         hf_model = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
             **common, num_heads=4, head_dim=32, n_groups=1, state_size=16, chunk_size=16, tie_word_embeddings=True))
+    elif kind == "bamba":  # rotary over the whole head, as this project's attention (BambaConfig's default: half)
+        hf_model = transformers.BambaForCausalLM(transformers.BambaConfig(
+            **common, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2, attn_layer_indices=[1],
+            mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16, mamba_chunk_size=16, max_position_embeddings=128,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}))
     else:
         hf_model = transformers.MambaForCausalLM(transformers.MambaConfig(**common, state_size=8))
     hf_model.save_pretrained(tmp_path / "hf")
@@ -173,17 +183,17 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(trained_ws1, tmp_path, 
         assert convert_checkpoint.main([*argv, "--output", str(out)]) == 2, message
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and "Traceback" not in err, err
-        assert not out.exists() and not list(tmp_path.glob(".*partial")), message
+        assert not out.exists() and not list(tmp_path.glob(".*partial*")), message
 
 
 def test_a_failed_write_leaves_nothing_and_keeps_an_earlier_output(tmp_path):
     target = tmp_path / "model.pt"
     target.write_bytes(b"earlier")
     with pytest.raises(RuntimeError):
-        with export.staged_output(target) as tmp:
+        with staged_output(target, overwrite=True) as tmp:
             tmp.write_bytes(b"half")
             raise RuntimeError("disk full")
-    assert target.read_bytes() == b"earlier" and not list(tmp_path.glob(".*partial"))
+    assert target.read_bytes() == b"earlier" and not list(tmp_path.glob(".*partial*"))
 
 
 def test_command_line_end_to_end(trained_ws1, tmp_path):
@@ -201,7 +211,8 @@ def test_command_line_end_to_end(trained_ws1, tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
 
 
-def test_training_continues_from_an_imported_model(tmp_path, data_cache, process_group, native_linear):
+@pytest.mark.parametrize("kind", ["llama", "bamba"])
+def test_training_continues_from_an_imported_model(tmp_path, data_cache, process_group, native_linear, kind):
     """--from_hf writes a .pt and a YAML; a ZeRO-3 run from that YAML starts from exactly the imported weights
     and its first loss is the transformers model's own loss on the same batch."""
     transformers = pytest.importorskip("transformers")
@@ -212,9 +223,15 @@ def test_training_continues_from_an_imported_model(tmp_path, data_cache, process
     from launcher.planning.plan import choose_plan
 
     torch.manual_seed(0)
-    hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True))
+    common = dict(vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True)
+    if kind == "llama":
+        hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    else:
+        hf_model = transformers.BambaForCausalLM(transformers.BambaConfig(
+            **common, attn_layer_indices=[0], mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16,
+            mamba_chunk_size=32, pad_token_id=None,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}))
     hf_model.save_pretrained(tmp_path / "published")
     assert convert_checkpoint.main(["--from_hf", str(tmp_path / "published"), "--output",
                                     str(tmp_path / "imported.pt")]) == 0

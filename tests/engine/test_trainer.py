@@ -90,6 +90,7 @@ def make_crashing_trainer(tmp_path, data_cache, **kwargs):
 
 @pytest.mark.parametrize("preset, zero_stage, extra", [
     ("tiny", 0, ()), ("tiny", 2, ()), ("tiny", 3, ()), ("tiny_mamba", 2, ()), ("tiny_mamba", 3, ()),
+    ("tiny_hybrid", 3, ("model.layer_pattern=MA",)),
     ("tiny", 2, ("model.dropout=0.2",)),  # dropout masks depend on (seed, step, rank), not on where a run resumed
     ("tiny", 2, ("training.activation_checkpointing=true",))])
 def test_resume_continues_exactly(tmp_path, data_cache, process_group, preset, zero_stage, extra):

@@ -76,7 +76,8 @@ DECAYED_SUFFIXES = ("wq.weight", "wk.weight", "wv.weight", "wo.weight", "w1.weig
 
 @pytest.mark.parametrize("family", [dict(model_type="transformer"), dict(model_type="mamba", ssm_type="mamba2"),
                                     dict(model_type="mamba", ssm_type="mamba1"),
-                                    dict(model_type="mamba", ssm_type="mamba1", tie_embeddings=False)])
+                                    dict(model_type="mamba", ssm_type="mamba1", tie_embeddings=False),
+                                    dict(model_type="hybrid", layer_pattern="MA")])
 @pytest.mark.parametrize("zero3_init", [False, True])
 def test_weight_decay_rule(process_group, family, zero3_init):
     config = ModelConfig(d_model=64, n_layers=2, n_heads=4, vocab_size=128, d_state=16, headdim=16, **family)
@@ -90,7 +91,7 @@ def test_weight_decay_rule(process_group, family, zero3_init):
     expected = {name for name in names.values() if name.endswith(DECAYED_SUFFIXES)}
     assert got == expected
     assert len(decayed["params"]) + len(undecayed["params"]) == len(names)
-    if config.model_type == "mamba":  # what docs/mamba.md says is never decayed
+    if config.model_type in ("mamba", "hybrid"):  # what docs/mamba.md says is never decayed
         never = {name for name in names.values()
                  if name.rsplit(".", 1)[-1] in ("A_log", "D", "dt_bias") or "conv1d" in name or "norm" in name
                  or name.endswith("dt_proj.bias")}

@@ -55,6 +55,19 @@ def test_mamba_parameter_shapes_match_the_model(fields):
     assert model_sizes.count_parameters(config) == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("preset", ["tiny_hybrid", "1b_hybrid", "7b_hybrid"])
+def test_hybrid_parameter_counts_match_transformers_bamba(preset):
+    """The hybrid presets, built by transformers as BambaForCausalLM on the meta device: the same parameter count
+    (an independent reading of every shape: Mamba heads, groups, conv, GQA, SwiGLU, tied or untied head)."""
+    transformers = pytest.importorskip("transformers")
+    from model.hybrid.hf import transformers_config_kwargs
+
+    config = build_run_config(preset=preset).model
+    with torch.device("meta"):
+        bamba = transformers.BambaForCausalLM(transformers.BambaConfig(**transformers_config_kwargs(config)))
+    assert model_sizes.count_parameters(config) == sum(p.numel() for p in bamba.parameters())
+
+
 def test_preset_parameter_counts_match_their_published_sizes():
     # TinyLlama 1.10B (arXiv:2401.02385), LLaMA-2-7B 6.74B (HF config), mamba2-1.3b ~1.34B with its 50k vocab.
     counts = {name: model_sizes.count_parameters(build_run_config(preset=name).model) for name in PRESETS}
@@ -62,6 +75,9 @@ def test_preset_parameter_counts_match_their_published_sizes():
     assert counts["7b_transformer"] == 6_738_415_616
     assert counts["1b_mamba"] > 1.2e9 and counts["1b_mamba"] < 1.4e9
     assert counts["7b_mamba"] > 6.5e9 and counts["7b_mamba"] < 7.5e9
+    # Bamba-9B's shape with its own 128,256-token vocabulary: 9.78B, its published size.
+    bamba_9b = build_run_config(preset="7b_hybrid").model.model_copy(update={"vocab_size": 128256})
+    assert round(model_sizes.count_parameters(bamba_9b) / 1e9, 2) == 9.78
 
 
 # ---- DeepSpeed's own estimators ----------------------------------------------------------------------------------
@@ -80,7 +96,8 @@ def _deepspeed_estimates(total: int, largest: int, world_size: int, offload: str
     return cpu, gpu
 
 
-@pytest.mark.parametrize("preset", ["test_small", "1b_transformer", "7b_transformer", "1b_mamba", "7b_mamba"])
+@pytest.mark.parametrize("preset", ["test_small", "1b_transformer", "7b_transformer", "1b_mamba", "7b_mamba",
+                                    "7b_hybrid"])
 @pytest.mark.parametrize("world_size", [1, 2, 4, 8])
 @pytest.mark.parametrize("stage,offload", [(2, "none"), (2, "optimizer"), (3, "none"), (3, "optimizer"),
                                            (3, "optimizer+params")])
@@ -212,6 +229,9 @@ ACTIVATION_CASES = [
     ("mamba", dict(ssm_type="mamba2", d_model=64, n_layers=2, d_state=16, headdim=16, ngroups=2, chunk_size=32),
      100),
     ("mamba", dict(ssm_type="mamba1", d_model=64, n_layers=2, d_state=16), 64),
+    # Both of the hybrid's layer kinds; each is measured against its own stated bytes.
+    ("hybrid", dict(layer_pattern="MA", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=160, d_state=16,
+                    headdim=16, ngroups=2, chunk_size=32), 100),
 ]
 
 
@@ -224,6 +244,16 @@ def test_layer_activations_match_the_tensors_autograd_saves(model_type, fields, 
     model = create_model(model_type, config).to(dtype)
     batch = 2
     x = torch.randn(batch, seq_len, config.d_model, requires_grad=True)
+    act_bytes = DTYPE_BYTES["fp32" if dtype == torch.float32 else "bf16"]
+    if model_type == "hybrid":  # every layer against its own kind's bytes
+        x = x.to(dtype)
+        cos, sin = model.rope.cos[:seq_len], model.rope.sin[:seq_len]
+        stated = model_sizes.activation_bytes_per_layer(config, act_bytes, seq_len=seq_len, on_cuda=False)
+        assert len(set(stated)) == 2
+        for block, per_token in zip(model.layers, stated):
+            measured = _saved_bytes(model, lambda: block(x, cos, sin))
+            assert measured == pytest.approx(batch * seq_len * per_token, rel=0.01), block.kind
+        return
     if model_type == "transformer":
         block = model.layers[0]
         x = x.to(dtype)
@@ -232,7 +262,6 @@ def test_layer_activations_match_the_tensors_autograd_saves(model_type, fields, 
     else:
         block = model.backbone.layers[0]
         measured = _saved_bytes(model, lambda: block(x))  # Mamba's residual stream is fp32
-    act_bytes = DTYPE_BYTES["fp32" if dtype == torch.float32 else "bf16"]
     predicted = batch * seq_len * model_sizes.layer_activation_bytes(config, act_bytes, seq_len=seq_len,
                                                                      on_cuda=False)
     assert measured == pytest.approx(predicted, rel=0.01)
@@ -256,6 +285,8 @@ def test_whole_model_activations_match_saved_tensors(native_linear):
 CHECKPOINTING_CASES = [
     ("transformer", dict(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=160)),
     ("mamba", dict(ssm_type="mamba2", d_model=64, n_layers=4, d_state=16, headdim=16, ngroups=2, chunk_size=32)),
+    ("hybrid", dict(layer_pattern="MAMM", d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=160,
+                    d_state=16, headdim=16, ngroups=2, chunk_size=32)),
 ]
 
 
@@ -267,15 +298,20 @@ def test_checkpointed_blocks_keep_their_inputs_and_the_others_their_activations(
     torch.manual_seed(0)
     model = create_model(model_type, config).train()
     idx = torch.randint(0, 256, (2, 64))
-    per_layer = model_sizes.layer_activation_bytes(config, 4, seq_len=64, on_cuda=False)
+    per_layer = model_sizes.activation_bytes_per_layer(config, 4, seq_len=64, on_cuda=False)
     block_input = model_sizes.layer_input_bytes(config, 4)
     head = model_sizes.head_activation_bytes(config, 4, on_cuda=False) + 4 * config.vocab_size  # + fp32 log-softmax
     measured = []
     for blocks in range(5):
         model.num_checkpointed_blocks = blocks
         measured.append(_saved_bytes(model, lambda: model(idx, idx)))
-        predicted = 2 * 64 * (blocks * block_input + (4 - blocks) * per_layer + head)
+        predicted = 2 * 64 * (blocks * block_input + sum(per_layer[blocks:]) + head)
         assert measured[-1] == pytest.approx(predicted, rel=0.01), blocks
+        if blocks < 4:  # the plan's own sum (the end of the forward pass decides here), less its backward workspace
+            layout = Layout(world_size=1, zero_stage=0, precision="fp32", micro_batch=2, seq_len=64, on_cuda=False,
+                            num_checkpointed_blocks=blocks)
+            planned = activation_bytes(config, layout) - 2 * 64 * max(per_layer) + 2 * 64 * 4 * config.vocab_size
+            assert measured[-1] == pytest.approx(planned, rel=0.01), blocks
     assert measured == sorted(measured, reverse=True) and measured[4] < measured[0] / 5
 
 

@@ -248,7 +248,7 @@ def test_budget_is_a_plain_value():
 
 def test_fused_ssm_kernels_are_judged_for_the_mixer_being_trained(monkeypatch):
     """A Triton-only mamba-ssm (Mamba-2's kernels import, Mamba-1's CUDA ones do not) serves mamba2 only."""
-    from model import ssm_ops
+    from model.mamba import ssm_ops
 
     triton_only = {name: object() for name in ("mamba_split_conv1d_scan_combined", "mamba_chunk_scan_combined",
                                                "rmsnorm_fn", "causal_conv1d_fn")}

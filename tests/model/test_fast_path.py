@@ -15,9 +15,11 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 TINY = dict(vocab_size=97, max_seq_len=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)
 TINY_MAMBA = dict(model_type="mamba", vocab_size=97, max_seq_len=32, d_model=32, n_layers=2, d_state=8, headdim=16,
                   chunk_size=8)
+TINY_HYBRID = dict(model_type="hybrid", layer_pattern="MA", vocab_size=97, max_seq_len=32, d_model=32, n_layers=2,
+                   n_heads=4, n_kv_heads=2, d_state=8, headdim=16, chunk_size=8)
 
 
-@pytest.mark.parametrize("fields", [TINY, TINY_MAMBA], ids=["transformer", "mamba"])
+@pytest.mark.parametrize("fields", [TINY, TINY_MAMBA, TINY_HYBRID], ids=["transformer", "mamba", "hybrid"])
 def test_create_model_on_builds_in_dtype_and_keeps_ties(fields):
     config = ModelConfig(**fields)
     torch.manual_seed(0)
@@ -27,7 +29,7 @@ def test_create_model_on_builds_in_dtype_and_keeps_ties(fields):
     reference = create_model(config.model_type, config)
     assert [(n, p.shape) for n, p in model.named_parameters()] == \
         [(n, p.shape) for n, p in reference.named_parameters()]  # same tensors, a tied matrix still once
-    if config.model_type == "transformer":
+    if config.model_type in ("transformer", "hybrid"):
         assert model.lm_head.weight is model.tok_embeddings.weight
         assert model.rope.cos.dtype == torch.float32  # the rotary tables stay fp32
         torch.testing.assert_close(model.rope.cos, reference.rope.cos)
@@ -46,7 +48,7 @@ def test_meta_build_costs_no_memory_and_matches_shapes():
     assert {n: p.shape for n, p in meta.named_parameters()} == {n: p.shape for n, p in real.named_parameters()}
 
 
-@pytest.mark.parametrize("fields", [TINY, TINY_MAMBA], ids=["transformer", "mamba"])
+@pytest.mark.parametrize("fields", [TINY, TINY_MAMBA], ids=["transformer", "mamba"])  # hybrid: their blocks, 34 s
 def test_compiled_blocks_match_eager(fields):
     """Each block compiled in place; aot_eager traces and replays the graphs without needing a C++ toolchain."""
     config = ModelConfig(**fields)
@@ -99,7 +101,7 @@ def test_fused_rmsnorm_matches_reference_formula_on_gpu():
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("fields", [TINY, TINY_MAMBA], ids=["transformer", "mamba"])
+@pytest.mark.parametrize("fields", [TINY, TINY_MAMBA, TINY_HYBRID], ids=["transformer", "mamba", "hybrid"])
 def test_models_chunked_loss_on_gpu_matches_reference(fields):
     from model.losses import linear_cross_entropy_ref
 
@@ -109,7 +111,7 @@ def test_models_chunked_loss_on_gpu_matches_reference(fields):
     idx = torch.randint(0, 97, (2, 32), device="cuda")
     logits, loss = model(idx, idx)
     assert logits is None  # the logits were never built whole
-    if config.model_type == "transformer":
+    if config.model_type in ("transformer", "hybrid"):
         hidden = model._hidden(idx)
     else:
         h = model.backbone.embedding(idx).float()

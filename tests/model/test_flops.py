@@ -114,3 +114,24 @@ def test_flops_grow_with_sequence_only_through_attention():
     # PaLM appendix B: 6 N + 12 L H Q T; TinyLlama-1.1B at T = 2048 (N = 1.03B matmul weights incl. lm_head).
     assert costs.training_flops_per_token(config, 2048) - costs.training_flops_per_token(config, 1024) == \
         12 * 22 * 2048 * 1024
+
+
+@pytest.mark.parametrize("fields", [
+    dict(layer_pattern="MAM", n_heads=4, n_kv_heads=2, ffn_hidden=160, d_state=16, headdim=16, chunk_size=16),
+    dict(layer_pattern=[0], n_heads=8, ffn_hidden=96, d_state=8, headdim=32, ngroups=2, chunk_size=8,
+         tie_embeddings=False),
+])
+def test_hybrid_flops_match_flop_counter(fields, monkeypatch):
+    """Each layer counted as its kind: attention layers as the Transformer's (through reference_attention, which
+    FlopCounterMode sees), Mamba layers as Mamba-2's (the conv's backward taken as twice its forward, see above)."""
+    import model.transformer.model
+
+    monkeypatch.setattr(model.transformer.model, "grouped_query_attention", model.transformer.model.reference_attention)
+    config = ModelConfig(model_type="hybrid", vocab_size=211, max_seq_len=64, d_model=64, n_layers=3, **fields)
+    batch, seq_len = 2, 32
+    idx = torch.randint(0, config.vocab_size, (batch, seq_len))
+    by_op = _training_flops_by_op(create_model("hybrid", config), idx)
+    assert set(by_op) == {"aten.mm", "aten.bmm", "aten.convolution", "aten.convolution_backward"}
+    counted = by_op["aten.mm"] + by_op["aten.bmm"] + 3 * by_op["aten.convolution"]
+    stated = family_costs("hybrid").training_flops_per_token(config, seq_len) * batch * seq_len
+    assert counted == stated

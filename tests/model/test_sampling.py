@@ -46,7 +46,9 @@ def sample_by_full_recompute(model, prompt, steps, **sampling):
 
 @pytest.mark.parametrize("model_type, extra", [("transformer", {"n_heads": 4, "n_kv_heads": 2}),
                                                ("mamba", {"ssm_type": "mamba2", "headdim": 16, "d_state": 16}),
-                                               ("mamba", {"ssm_type": "mamba1", "d_state": 8})])
+                                               ("mamba", {"ssm_type": "mamba1", "d_state": 8}),
+                                               ("hybrid", {"layer_pattern": "MA", "n_heads": 4, "n_kv_heads": 2,
+                                                           "headdim": 16, "d_state": 16})])
 def test_cached_sampling_draws_the_same_tokens_as_uncached(model_type, extra):
     config = ModelConfig(model_type=model_type, vocab_size=64, max_seq_len=48, d_model=32, n_layers=2, **extra)
     torch.manual_seed(0)

@@ -145,7 +145,7 @@ def test_bench_data_compares_equal_work(data_cache):
 
     from data.corpora.embedded import load_shakespeare
 
-    result = run_tool("bench_data.py", "--repeat", 1, "--documents", 120, "--workers", 1, 2, "--rounds", 2,
+    result = run_tool("bench/data_pipeline.py", "--repeat", 1, "--documents", 120, "--workers", 1, 2, "--rounds", 2,
                       "--cache_dir", data_cache, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     [model] = data_cache.glob("*/tokenizer.model")
@@ -158,6 +158,6 @@ def test_bench_data_compares_equal_work(data_cache):
 
 
 def test_bench_data_refuses_counts_below_one():
-    result = run_tool("bench_data.py", "--rounds", 0)
+    result = run_tool("bench/data_pipeline.py", "--rounds", 0)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "argument --rounds: must be >= 1, got 0" in result.stderr

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from launcher.planning.gpu_specs import peak_tflops
-from model import ModelConfig
+from model import ModelConfig, create_model
 from model.registry import family_costs
 from tests.conftest import REPO_ROOT, SMALL_MODEL
 from tools import throughput
@@ -40,6 +40,47 @@ def test_all_contenders_train_the_same_problem(report):
     assert set(data["ratios"]) == {"deepspeed/plain", "deepspeed/transformers"}
     ours = data["results"]["deepspeed"]["tokens_per_s"]["median"]
     assert data["ratios"]["deepspeed/plain"] == pytest.approx(ours / data["results"]["plain"]["tokens_per_s"]["median"])
+
+
+def test_every_contender_takes_an_optimizer_step(process_group, native_linear):
+    """A contender that skipped its optimizer step would time forward + backward only and look faster, and the
+    report above cannot tell: on random tokens every loss stays near ln(V) whether the weights move or not. Here
+    each contender trains on ONE batch repeated, so its loss must fall step after step; without a step it stays
+    exactly the same (the forward pass is deterministic). Oracle: plain AdamW by hand on the same model and batch."""
+    from engine.evaluation.step_timing import BenchSetup, deepspeed_contender, make_batches, plain_contender, transformers_contender
+    from launcher.ds_config import build_ds_config
+
+    args = throughput.parse_args(["--preset", "tiny", "--micro_batch", "2", "--set", "training.learning_rate=1e-2",
+                                  "--set", "training.warmup_steps=1", "--set", "training.grad_clip=0",
+                                  *[arg for item in SMALL_MODEL for arg in ("--set", item)]])
+    run, plan = throughput.plan_run(args, on_cuda=False)
+    setup = BenchSetup(model=run.model, training=run.training, device="cpu", num_checkpointed_blocks=0)
+    batch = make_batches(setup, count=1, micro_batch=2, seq_len=run.model.max_seq_len)[0]
+    builders = {"deepspeed": lambda: deepspeed_contender(setup, build_ds_config(run, plan, pin_memory=False)),
+                "plain": lambda: plain_contender(setup), "transformers": lambda: transformers_contender(setup)}
+    falls = {}
+    for name, build in builders.items():
+        torch.manual_seed(0)
+        step, cleanup = build()
+        losses = [float(step(batch)) for _ in range(4)]
+        cleanup()
+        assert losses == sorted(losses, reverse=True) and losses[-1] < losses[0] - 0.1, (name, losses)
+        falls[name] = losses[0] - losses[-1]
+    # The oracle: torch.optim.AdamW on this project's model, same settings, same batch.
+    torch.manual_seed(0)
+    model = create_model(run.model.model_type, run.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(run.training.adam_beta1, run.training.adam_beta2),
+                                  eps=run.training.adam_eps, weight_decay=0.0)
+    reference = []
+    for _ in range(4):
+        loss = model(batch[:, :-1], targets=batch[:, 1:])[1]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        reference.append(float(loss))
+    print(f"loss fall over 3 steps on one batch: {falls}, AdamW by hand {reference[0] - reference[-1]:.3f}")
+    for name in ("plain", "deepspeed"):  # the same model and initialisation (seed 0) as the oracle
+        assert falls[name] == pytest.approx(reference[0] - reference[-1], rel=0.02), name
 
 
 def test_whole_runs_in_turn_as_on_gpu(tmp_path, process_group):
@@ -130,3 +171,22 @@ def test_the_transformers_peer_checkpoints_the_first_layers_only():
                     lambda *args, index=index, real=real, **kwargs: called.append(index) or real(*args, **kwargs))
         model(input_ids=torch.randint(0, 64, (1, 8))).logits.sum().backward()
         assert called == list(range(blocks))
+
+
+def test_the_hybrid_races_transformers_bamba(tmp_path, process_group):
+    """tiny_hybrid against BambaForCausalLM as the transformers contender; the FLOPs per token are the hybrid's."""
+    from engine.evaluation.step_timing import transformers_model
+
+    path = tmp_path / "hybrid.json"
+    small = [*SMALL_MODEL, "model.layer_pattern=MA", "model.d_state=16", "model.headdim=32", "model.chunk_size=32"]
+    overrides = [arg for item in small for arg in ("--set", item)]
+    assert throughput.main(["--preset", "tiny_hybrid", "--steps", "1", "--warmup", "0", "--micro_batch", "2",
+                            "--contenders", "plain,transformers", "--json", str(path), *overrides]) == 0
+    data = json.loads(path.read_text())
+    assert set(data["results"]) == {"plain", "transformers"}, data["errors"]
+    config = ModelConfig(model_type="hybrid", vocab_size=8192, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                         max_seq_len=64, layer_pattern="MA", d_state=16, headdim=32, chunk_size=32)
+    assert data["flops_per_token"] == family_costs("hybrid").training_flops_per_token(config, 64)
+    assert type(transformers_model(config)).__name__ == "BambaForCausalLM"
+    for result in data["results"].values():
+        assert abs(result["final_loss"] - math.log(8192)) < 0.5

@@ -5,7 +5,7 @@ CPU (always):
      Mamba-2 SSD (d_inner 256 = 4 heads x 64, N 64, chunk 64) and Mamba-1 selective scan (d_inner 256, N 16),
      the latter also against mamba-ssm's `selective_scan_ref` style loop that slices x[:, :, t].
      Goal (issue 4): the chunked path >= 5x faster than the loop at L=256 and linear in L.
-  2. training tokens/s (forward + backward + AdamW step) of the `tiny_mamba` and `tiny` presets.
+  2. training tokens/s (forward + backward + AdamW step) of the `tiny_mamba`, `tiny` and `tiny_hybrid` presets.
 CUDA (when available):
   3. fused (mamba-ssm Triton/CUDA) vs reference scans: max difference and time, forward+backward.
   4. `1b_mamba` in bf16 on one GPU: training tokens/s and model FLOPs utilisation, with
@@ -159,7 +159,7 @@ def training_tokens_per_second(model: torch.nn.Module, batch: int, seqlen: int, 
 
 def bench_cpu_models(repeats: int) -> None:
     rows = []
-    for name in ("tiny_mamba", "tiny"):
+    for name in ("tiny_mamba", "tiny", "tiny_hybrid"):
         try:
             model, preset = preset_model(name, torch.device("cpu"), torch.float32)
         except Exception as error:  # noqa: BLE001 - a family still being written must not stop the benchmark

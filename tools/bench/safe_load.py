@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from engine.checkpoint.safe_load import verify_folder  # noqa: E402
+from engine.checkpoint.safe_load import check_tree  # noqa: E402
 
 
 def synthetic(folder: Path) -> None:
@@ -39,7 +39,7 @@ def main() -> None:
             torch.load(path, map_location="cpu", weights_only=False)
         full = time.perf_counter() - start
         start = time.perf_counter()
-        verify_folder(folder)
+        check_tree(folder)
         check = time.perf_counter() - start
         print(f"{size / 2**20:,.0f} MiB checkpoint: torch.load (DeepSpeed's load) {full:.3f} s, "
               f"weights-only verification {check:.3f} s ({100 * check / full:.1f}% extra)")
