@@ -21,6 +21,9 @@ MUON_NAMES = {
     "transformer": r"layers\.\d+\.(attn\.w[qkvo]|mlp\.w[123])\.weight",
     # mixer projections (Mamba-1 also x_proj and dt_proj); not conv1d (3-D), A_log, D, dt biases, norms
     "mamba": r"backbone\.layers\.\d+\.mixer\.(in_proj|x_proj|dt_proj|out_proj)\.weight",
+    # attention layers' q/k/v/o, Mamba-2 layers' in/out projections, every layer's SwiGLU; not conv1d, A_log, D,
+    # dt_bias, the gated norm
+    "hybrid": r"layers\.\d+\.(attn\.w[qkvo]|mamba\.(in_proj|out_proj)|mlp\.w[123])\.weight",
 }
 
 
