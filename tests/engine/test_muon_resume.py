@@ -50,7 +50,7 @@ def test_muon_refuses_to_resume_on_another_rank_count(tmp_path, data_cache):
                   cwd=tmp_path, timeout=400)
     run = build_run_config(preset="tiny", overrides=[
         *universal_resume.MODEL, "training.optimizer=muon", f"data.cache_dir={data_cache}",
-        "training.learning_rate=3e-3", "training.warmup_steps=2", "training.batch_size=4",
+        "training.learning_rate=3e-3", "training.warmup_steps=2", "training.weight_decay=1.0", "training.batch_size=4",
         "training.gradient_accumulation_steps=1",
         f"training.checkpoint_dir={tmp_path / 'two_to_one' / 'ckpt'}", "training.zero_stage=2"])
     point = find_resume_point(run)
