@@ -99,7 +99,8 @@ def muon_param_groups(model: torch.nn.Module, *, learning_rate: float, weight_de
     groups of `param_groups` (decayed, not decayed) with use_muon False.
 
     Each Muon group's params are sorted by `size()`, largest first, as MuonWithAuxAdam sorts them itself (a stable
-    sort on the same key): the order here is then the order the optimizer holds (engine/export.py matches ZeRO-0 master weights by it)."""
+    sort on the same key): the order here is then the order the optimizer holds (engine/checkpoint/export.py
+    matches ZeRO-0 master weights by it)."""
     fan_in = muon_fan_in(model)
     params = [p for p in model.parameters() if p.requires_grad]
     groups: list[dict[str, Any]] = []

@@ -29,7 +29,8 @@ from engine.checkpoint.safe_load import load_weights_file
 from engine.faults import kill_point
 from engine.metrics import MetricsLogger, peak_memory_bytes
 from engine.optimizer import optimizer_arguments
-from engine.param_groups import param_groups  # noqa: F401 (imported from here: tests/launcher/engine_bytes.py, tools/bench/convert.py)
+# Imported from here by tests/launcher/engine_bytes.py and tools/bench/convert.py.
+from engine.param_groups import param_groups  # noqa: F401
 from engine.schedule import warmup_cosine_scheduler
 from engine.model_setup import build_model
 from model import ModelConfig, create_model

@@ -1,11 +1,11 @@
 """DeepSpeed's Muon, as the trainer builds it (engine/optimizer.py), against a Muon written here from the papers.
 
 The reference (`reference_steps`): gradients of the whole global batch from a plain copy of the model; for the
-hidden matrices (named here by hand, per family, not by the rule under test) Nesterov momentum B = mu B + G,
-U = G + mu B, the Newton-Schulz quintic X <- aX + (bA + cA^2)X with A = XX^T and (a, b, c) = (3.4445, -4.7750,
+hidden matrices (named here by hand, per family, not by the rule under test) Nesterov momentum (below), the
+Newton-Schulz quintic X <- aX + (bA + cA^2)X with A = XX^T and (a, b, c) = (3.4445, -4.7750,
 2.0315), 5 steps from X = U / (||U||_F + 1e-7) (Jordan et al. 2024, "Muon: An optimizer for hidden layers in
-neural networks", and its code, github.com/KellerJordan/Muon muon.py), and Moonlight's update W <- W - lr (0.2 sqrt(max(A, B)) O + wd W) (arXiv:2502.16982, eq. 4); for the
-rest torch.optim.AdamW with the decay groups named here. The momentum is kept as that code keeps it, an
+neural networks", and its code, github.com/KellerJordan/Muon muon.py), and Moonlight's update
+W <- W - lr (0.2 sqrt(max(A, B)) O + wd W) (arXiv:2502.16982, eq. 4); for the rest torch.optim.AdamW with the decay groups named here. The momentum is kept as that code keeps it, an
 exponential moving average (B = mu B + (1 - mu) G, U = (1 - mu) G + mu B), not the blog's sum (B = mu B + G,
 U = G + mu B), which is 1 / (1 - mu) = 20 times larger: the same direction, but the 1e-7 in the normalisation is
 not negligible against the EMA's Frobenius norm when a gradient is tiny (Mamba's dt_proj, 64 x 2: |U| ~ 1e-6), so

@@ -4,8 +4,6 @@ the launcher refuses with the fix. Reuses tests/engine/universal_resume.py's run
 checkpoint at step 3) with optimizer muon."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
