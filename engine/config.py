@@ -78,6 +78,10 @@ class TrainingConfig(BaseModel):
     activation_checkpointing: bool | int | Literal["auto"] = "auto"
     """Recompute block activations in the backward pass to save memory: true = every block, false = none, N = the
     first N blocks (Megatron-LM's block recompute method), 'auto' = as few as the memory plan needs to fit."""
+    sequence_parallel: int | Literal["auto"] = 1
+    """Split every sequence over this many ranks (DeepSpeed Ulysses; model/sequence_parallel.py): 1 = off, N must
+    divide the ranks, the attention/Mamba head counts and model.max_seq_len; 'auto' = the smallest N the memory plan
+    needs for model.max_seq_len to fit, when that is faster than recomputing blocks or offloading."""
     compile_blocks: bool = False
     """torch.compile each model block (model/compile.py): faster on GPU after a one-off compile; off on CPU."""
     eval_interval: int = 1000
@@ -136,6 +140,10 @@ class TrainingConfig(BaseModel):
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"training.{name} must be >= 1 or null (automatic), got {value}")
+        if self.sequence_parallel != "auto" and (isinstance(self.sequence_parallel, bool)
+                                                 or self.sequence_parallel < 1):
+            problems.append(f"training.sequence_parallel must be a rank count >= 1 or auto, got "
+                            f"{self.sequence_parallel!r}")
         if self.learning_rate <= 0:
             problems.append(f"training.learning_rate must be > 0, got {self.learning_rate}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

@@ -36,6 +36,12 @@ def build_ds_config(run: RunConfig, plan: Plan, *, pin_memory: bool = False) -> 
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin_memory}
     if plan.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": pin_memory}
+    if plan.zero_stage == 3 and plan.sequence_parallel > 1:
+        # DeepSpeed 0.19.8's ZeRO-3 reduce-scatter path (stage3.py __avg_scatter_grads) averages gradients over
+        # the whole sequence-data-parallel group, sequence-parallel ranks included, so they came out N times too
+        # small (measured: half the gradient norm at N = 2); its all-reduce path divides by the data-parallel size
+        # only, as ZeRO 0-2 do (tests/engine/test_sequence_parallel_training.py).
+        zero["reduce_scatter"] = False
     if plan.zero_hpz_partition_size > 1:  # across nodes: launcher/planning/internode.py
         zero["zero_hpz_partition_size"] = plan.zero_hpz_partition_size
     config: dict[str, Any] = {

@@ -27,7 +27,7 @@ from engine.errors import CheckpointError
 from launcher.config import ConfigError, RunConfig
 
 LAYOUT_KEYS = ("training.batch_size", "training.gradient_accumulation_steps", "training.zero_stage",
-               "training.offload", "training.activation_checkpointing", "num_gpus")
+               "training.offload", "training.activation_checkpointing", "num_gpus", "training.sequence_parallel")
 """Planned again on resume (the stage and offload kept unless given explicitly)."""
 
 HARMLESS_KEYS = ("training.eval_interval", "training.eval_batches", "training.save_interval",
@@ -194,8 +194,12 @@ def plan_resumed_run(run: RunConfig, point: ResumePoint, world_size: int, budget
     saved = point.run_config["training"]
     requested = {key: getattr(run.training, key) for key in ("batch_size", "gradient_accumulation_steps")
                  if getattr(run.training, key) != saved.get(key)}
-    micro, accum = split_global_batch(point.global_batch, world_size, largest_micro_batch=best.micro_batch,
+    # Sequence parallelism is a layout: the weights and ZeRO partitions do not depend on it, so a resume may change
+    # it (the ranks of one group read one sample: the batch splits over the data-parallel ranks only).
+    micro, accum = split_global_batch(point.global_batch, best.data_parallel_size,
+                                      largest_micro_batch=best.micro_batch,
                                       batch_size=requested.get("batch_size"),
                                       gradient_accumulation_steps=requested.get("gradient_accumulation_steps"))
-    fixed = pinned.training.model_copy(update={"batch_size": micro, "gradient_accumulation_steps": accum})
+    fixed = pinned.training.model_copy(update={"batch_size": micro, "gradient_accumulation_steps": accum,
+                                               "sequence_parallel": best.sequence_parallel})
     return choose_plan(pinned.model, fixed, world_size, budget)

@@ -7,6 +7,8 @@
 #      (tools/throughput.py: short runs, the plan's micro-batch, sequence 2048, next to a plain PyTorch loop and
 #      transformers' model of the same shape), and 1b_transformer's DeepSpeed step with training.optimizer=muon,
 #   3. the quick start's "the same command uses the GPU" path (launcher/run.py --preset tiny, a few steps),
+#   extra: long context, 1b_transformer_32k throughput on one GPU (<= 150 s); with 2+ GPUs the Ulysses parity
+#      script and an SP=2 throughput run (skipped, and said so, on one GPU: NCCL needs a GPU per rank),
 # then one Markdown table (per-contender detail: tools/throughput.py --markdown $OUT/*.json). Needs requirements.txt, requirements-dev.txt and requirements-gpu.txt installed.
 # Without CUDA it says "no GPU" and exits 0. Each part has a time limit; a throughput run stopped by its limit still
 # reports the contenders it finished (tools/throughput.py catches the SIGTERM).
@@ -60,6 +62,23 @@ tail -8 "$OUT/quickstart.txt"
 device_line=$(grep -m1 -i "cuda\|gpu" "$OUT/quickstart.txt" | cut -c1-100)
 STATUS[quickstart]="exit $code; ${device_line:-no device line found}"
 
+echo "== extra: long context (1b_transformer_32k on one GPU; Ulysses parity and SP throughput when 2+ GPUs)"
+timeout 150 "$PY" tools/throughput.py --preset 1b_transformer_32k --contenders deepspeed --steps 2 --warmup 1 \
+    --json "$OUT/1b_transformer_32k.json" 2>&1 | grep -v "^\[\|it/s\]\|s/it\]" | tee "$OUT/1b_transformer_32k.txt"
+STATUS[long_context]="exit ${PIPESTATUS[0]}"
+NUM_GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+if [ "$NUM_GPUS" -ge 2 ]; then  # Ulysses needs one GPU per rank: NCCL refuses two ranks on one device
+    timeout 120 "$PY" -m torch.distributed.run --nproc_per_node 2 tests/model/sequence_parallel_parity.py \
+        transformer_gqa transformer_mqa mamba2_one_group mamba2_four_groups > "$OUT/ulysses_parity.txt" 2>&1
+    STATUS[ulysses]="exit $?; $(grep -h "grad_diff" "$OUT/ulysses_parity.txt" | tr '\n' ';')"
+    timeout 150 "$PY" -m torch.distributed.run --nproc_per_node 2 tools/throughput.py --preset 1b_transformer_32k \
+        --sequence_parallel 2 --steps 2 --warmup 1 --json "$OUT/1b_transformer_32k_sp2.json" > "$OUT/sp2.txt" 2>&1
+    STATUS[ulysses_throughput]="exit $?"
+else
+    STATUS[ulysses]="skipped: $NUM_GPUS GPU (Ulysses parity needs 2)"
+    STATUS[ulysses_throughput]="skipped: $NUM_GPUS GPU"
+fi
+
 echo
 echo "## GPU check, $(date -u +%Y-%m-%d), $("$PY" -c 'import torch; print(torch.cuda.get_device_name(0), "torch", torch.__version__)')"
 echo
@@ -79,3 +98,9 @@ if [ -f "$OUT/1b_transformer_muon.json" ]; then
 fi
 echo "| throughput 1b_transformer, optimizer Muon (deepspeed only) | $line |"
 echo "| quick start tiny on GPU | ${STATUS[quickstart]} |"
+for name in 1b_transformer_32k 1b_transformer_32k_sp2; do
+    [ -f "$OUT/$name.json" ] && echo "| throughput $name | $("$PY" tools/throughput.py --markdown "$OUT/$name.json" --summary) |"
+done
+echo "| long context 1b_transformer_32k | ${STATUS[long_context]} |"
+echo "| Ulysses parity, 2 GPUs (tests/model/sequence_parallel_parity.py) | ${STATUS[ulysses]} |"
+echo "| Ulysses throughput 1b_transformer_32k, SP=2 | ${STATUS[ulysses_throughput]} |"

@@ -105,7 +105,10 @@ class Layout:
     """One way to lay a run on its ranks: everything the memory depends on besides the model."""
 
     world_size: int
-    """Data-parallel ranks."""
+    """Ranks: data-parallel x sequence-parallel (ZeRO partitions over all of them)."""
+    sequence_parallel: int = 1
+    """Ranks each sequence is split over (Ulysses, model/sequence_parallel.py): every sequence-proportional
+    activation is divided by it, and its all-to-all buffers are added."""
     zero_stage: int
     """DeepSpeed ZeRO stage 0-3."""
     offload: Offload = "none"
@@ -140,8 +143,11 @@ class Layout:
             problems.append("Muon is planned without offload (engine/config.py refuses the combination)")
         if self.precision not in DTYPE_BYTES:
             problems.append(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        if min(self.world_size, self.micro_batch, self.seq_len) < 1:
-            problems.append("world_size, micro_batch and seq_len must be >= 1")
+        if min(self.world_size, self.micro_batch, self.seq_len, self.sequence_parallel) < 1:
+            problems.append("world_size, micro_batch, seq_len and sequence_parallel must be >= 1")
+        elif self.world_size % self.sequence_parallel or self.seq_len % self.sequence_parallel:
+            problems.append(f"sequence_parallel={self.sequence_parallel} must divide world_size={self.world_size} "
+                            f"and seq_len={self.seq_len}")
         if self.num_checkpointed_blocks < 0:
             problems.append(f"num_checkpointed_blocks must be >= 0, got {self.num_checkpointed_blocks}")
         if problems:
@@ -367,10 +373,13 @@ def activation_bytes(model: ModelConfig, layout: Layout) -> int:
     the tensors autograd saves for every N (tests/launcher/test_memory.py); the second is reasoned, not measured.
     """
     ab = DTYPE_BYTES[layout.precision]
-    tokens = layout.micro_batch * layout.seq_len
-    # Each block's own bytes: the hybrid's attention and Mamba layers differ (model/hybrid/costs.py).
-    per_layer = model_sizes.activation_bytes_per_layer(model, ab, seq_len=layout.seq_len, on_cuda=layout.on_cuda,
-                                                       fused_ssm_kernels=layout.fused_ssm_kernels)
+    tokens = layout.micro_batch * layout.seq_len // layout.sequence_parallel  # this rank's shard of each sequence
+    # Each block's own bytes: the hybrid's attention and Mamba layers differ (model/hybrid/costs.py). Per token, a
+    # sequence-parallel block saves what the unsplit one does (its mixers hold the whole sequence for 1/N of the
+    # heads); Mamba's split mixers run the separate conv and scan ops, never mamba-ssm's one-op path.
+    per_layer = model_sizes.activation_bytes_per_layer(
+        model, ab, seq_len=layout.seq_len, on_cuda=layout.on_cuda,
+        fused_ssm_kernels=layout.fused_ssm_kernels and layout.sequence_parallel == 1)
     checkpointed = layout.num_checkpointed_blocks
     if checkpointed > model.n_layers:
         raise ValueError(f"{checkpointed} checkpointed blocks, but the model has {model.n_layers} (model.n_layers)")
@@ -392,10 +401,14 @@ def estimate_memory(model: ModelConfig, layout: Layout) -> MemoryEstimate:
     states = model_state_bytes(stats.total, layout, largest_tensor=largest, persistent=persistent,
                                muon_params=muon_params, largest_muon=largest_muon)
     comm = communication_bytes(stats.total, layout, largest_tensor=largest, persistent=persistent)
+    local_tokens = layout.micro_batch * layout.seq_len // layout.sequence_parallel
+    # Sequence parallelism: one block's all-to-all buffers at a time (model/*_costs.py sequence_parallel_buffer_bytes).
+    comm += local_tokens * model_sizes.sequence_parallel_buffer_bytes(model, DTYPE_BYTES[layout.precision],
+                                                                      layout.sequence_parallel)
     acts = activation_bytes(model, layout)
     # model/losses.py: the chunked loss runs on CUDA except under ZeRO-3 (use_chunked_loss).
     logits = model_sizes.logits_bytes(model, DTYPE_BYTES[layout.precision],
-                                      tokens=layout.micro_batch * layout.seq_len, chunked=layout.on_cuda and not zero3)
+                                      tokens=local_tokens, chunked=layout.on_cuda and not zero3)
     optimizer = states.master_weights + states.optimizer_states
     backward = dict(parameters=states.weights + states.persistent_weights + states.gathered_weights,
                     gradients=states.backward_gradients + states.gathered_gradients, optimizer_states=optimizer,

@@ -70,7 +70,8 @@ def render_plan(plan: Plan, model: ModelConfig, training: TrainingConfig, *, nam
              f"{training.precision}, sequence {model.max_seq_len}, {plan.world_size} rank(s){layout}, "
              f"{_optimizer_label(model, training)}")
     chosen = next((c for c in plan.candidates if c.fits and c.zero_stage == plan.zero_stage
-                   and c.offload == plan.offload and c.num_checkpointed_blocks == plan.num_checkpointed_blocks),
+                   and c.offload == plan.offload and c.num_checkpointed_blocks == plan.num_checkpointed_blocks
+                   and c.sequence_parallel == plan.sequence_parallel),
                   None)
     lines = [title, _budget_line(plan.budget), *([f"Nodes: {plan.nodes_description}"] if plan.nodes_description
                                                  else []), "",
