@@ -1,6 +1,7 @@
 """The engine's own typed config: the original project's `training:` section plus what a real trainer needs."""
 from __future__ import annotations
 
+import math
 import re
 from typing import Literal
 
@@ -10,22 +11,52 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 
 
+def _clock_seconds(text: str) -> float | None:
+    """Seconds of SLURM's --time forms (`MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`, `D-HH:MM:SS`; sbatch(1)), None when
+    `text` has none of their shapes. ValueError for a field out of range: `1:99:99` is no time of day."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
+    if match is None or (match.group(1) is None and match.group(3) is None):
+        return None  # a bare number: seconds (this project's form), not a clock
+    days, first, second, third = (int(g) if g is not None else None for g in match.groups())
+    if days is not None:  # D-HH[:MM[:SS]]
+        hours, minutes, seconds = first, second or 0, third or 0
+        fields = [("hours", hours, 23), ("minutes", minutes, 59), ("seconds", seconds, 59)]
+    elif third is not None:  # HH:MM:SS
+        days, hours, minutes, seconds = 0, first, second, third
+        fields = [("minutes", minutes, 59), ("seconds", seconds, 59)]
+    else:  # MM:SS, as SLURM reads two fields: `30:00` is thirty minutes
+        days, hours, minutes, seconds = 0, 0, first, second
+        fields = [("seconds", seconds, 59)]
+    for name, value, top in fields:
+        if value > top:
+            raise ValueError(f"training.max_runtime {text!r}: {name} must be 0-{top}, got {value} (write "
+                             "MM:SS, HH:MM:SS or D-HH:MM:SS as SLURM's --time does, e.g. '30:00' or '23:30:00')")
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
 def parse_duration(value: int | str | None) -> float | None:
-    """Seconds from 3600, '3600', '90m', '23h30m', '1h2m3s' or 'H:MM:SS' (SLURM's --time form)."""
-    if value is None or isinstance(value, (int, float)):
+    """Seconds from 3600, '3600', '90m', '23h30m', '1h2m3s' or SLURM's --time forms 'MM:SS', 'HH:MM:SS',
+    'D-HH', 'D-HH:MM', 'D-HH:MM:SS' (fields in range); ValueError naming the key otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"training.max_runtime {value!r} is not a duration: write seconds, or e.g. '90m', "
+                         "'23h30m', '2:30:00'")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"training.max_runtime must be a finite number of seconds, got {value!r} (leave it "
+                             "unset, null, for no limit)")
         return value
     text = value.strip().lower()
     if re.fullmatch(r"\d+(\.\d+)?", text):
         return float(text)
-    if re.fullmatch(r"\d+(:\d{1,2}){1,2}", text):
-        seconds = 0.0
-        for part in text.split(":"):
-            seconds = seconds * 60 + int(part)
-        return seconds if text.count(":") == 2 else seconds * 60  # 'H:MM' is hours and minutes
+    clock = _clock_seconds(text)
+    if clock is not None:
+        return float(clock)
     match = _DURATION.match(text)
     if not text or match is None:
         raise ValueError(f"training.max_runtime {value!r} is not a duration: write seconds, or e.g. '90m', "
-                         "'23h30m', '2:30:00'")
+                         "'23h30m', '2:30:00' (HH:MM:SS), '30:00' (MM:SS), '1-12:00:00' (D-HH:MM:SS)")
     hours, minutes, seconds = (float(group or 0) for group in match.groups())
     return hours * 3600 + minutes * 60 + seconds
 
@@ -33,7 +64,7 @@ def parse_duration(value: int | str | None) -> float | None:
 class TrainingConfig(BaseModel):
     """How to train: steps, batch, optimiser, precision, evaluation, checkpoints."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     batch_size: int | None = None
     """Micro-batch per GPU in sequences (null = chosen by the launcher's memory plan)."""
@@ -112,7 +143,18 @@ class TrainingConfig(BaseModel):
     checkpoint_dir on its own disk (DeepSpeed's checkpoint.use_node_local_storage), and resume takes the newest step
     complete on every node; the .pt exports go to node 0 (docs/multinode.md)."""
     max_runtime: int | str | None = None
-    """Time limit: after this long, save a checkpoint and exit 75 (seconds, or e.g. '90m', '23h30m', '2:30:00')."""
+    """Time limit: after this long, save a checkpoint and exit 75 (seconds, '90m', '23h30m', or SLURM's --time
+    forms: '30:00' = 30 minutes, '2:30:00', '1-12:00:00')."""
+
+    @field_validator("max_runtime", mode="before")
+    @classmethod
+    def _runtime_value(cls, value: object) -> object:
+        """A non-finite number or an out-of-range clock is named here, not as pydantic's int|str union errors."""
+        if isinstance(value, float) and not math.isfinite(value):
+            parse_duration(value)  # raises the message
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
 
     @field_validator("activation_checkpointing", mode="before")
     @classmethod
@@ -179,6 +221,15 @@ class TrainingConfig(BaseModel):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def warnings(self) -> list[str]:
+        """Settings that are valid but almost certainly not meant (the launcher prints them once)."""
+        found = []
+        if self.warmup_steps >= self.max_steps:
+            found.append(f"training.warmup_steps ({self.warmup_steps}) >= training.max_steps ({self.max_steps}): the "
+                         "learning rate is still warming up when training ends, so the cosine schedule never decays; "
+                         f"set training.warmup_steps below max_steps (e.g. {max(1, self.max_steps // 20)}, 5%)")
+        return found
 
     def checkpointed_blocks(self, num_layers: int) -> int | None:
         """Blocks of num_layers to recompute, from the first: true = all, false = 0, N = N; None for 'auto'

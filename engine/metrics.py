@@ -49,6 +49,8 @@ class MetricsLogger:
         self.bar.set_postfix(postfix, refresh=False)
         if write:
             for name, value in metrics.items():
+                if value is None:  # a figure this run cannot measure (a grad norm nobody computes)
+                    continue
                 self.writer.add_scalar(f"train/{name}", value, step)
 
     def log_eval(self, step: int, val_loss: float, *, per_source: dict[str, float] | None = None,

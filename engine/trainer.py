@@ -20,13 +20,13 @@ from data import DataConfig, sample_indices
 from data.training_data import TrainingData, open_training_data, prepare_sources
 from engine import distributed
 from engine.checkpoint.manager import CheckpointManager, latest_tag
-from engine.numerics import check_finite_step
+from engine.numerics import GradNormProbe, check_finite_step, check_finite_val_loss, weights_finite
 from engine.signals import StopController
 from engine.config import TrainingConfig
-from engine.errors import CheckpointError, TrainingError
+from engine.errors import START_OVER, CheckpointError, TrainingError
 from engine.checkpoint.export import load_initial_weights
 from engine.checkpoint.safe_load import load_weights_file
-from engine.faults import kill_point
+from engine.faults import kill_point, poison_gradient_at
 from engine.metrics import MetricsLogger, peak_memory_bytes
 from engine.optimizer import optimizer_arguments
 # Imported from here by tests/launcher/engine_bytes.py and tools/bench/convert.py.
@@ -121,6 +121,8 @@ class Trainer:
                                                  max_steps=self.training.max_steps,
                                                  min_lr_ratio=self.training.min_lr_ratio))
         distributed.skip_single_rank_gradient_allreduce(self.engine)
+        self.grad_norms = GradNormProbe(self.engine)  # ZeRO-0 fp32: DeepSpeed reports no norm
+        poison_gradient_at(self.engine.module, lambda: self.step)  # a test hook; does nothing in a real run
         self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
         self.grad_accum = self.engine.gradient_accumulation_steps()
         # Ranks of one sequence-parallel group read the same samples: the data-parallel world is world / N, and
@@ -138,6 +140,13 @@ class Trainer:
 
         if self.training.resume:
             state = self.checkpoints.load_latest(self.engine)
+            while state is not None and not weights_finite(self.engine):  # committed before the finite checks
+                self.checkpoints.set_aside(self.checkpoints.resumed_tag, "its weights hold NaN or inf")
+                state = self.checkpoints.load_latest(self.engine)
+                if state is None:
+                    raise CheckpointError(
+                        f"every checkpoint in {self.training.checkpoint_dir} holds NaN or inf weights (set aside "
+                        "as *.damaged-*): set training.checkpoint_dir to a new folder to start over")
             if state is not None:
                 self._check_global_batch(state)
                 self.step = int(state["step"])
@@ -180,7 +189,7 @@ class Trainer:
             self.source_positions = self.data.mixture.counts_after(self.step * global_batch)
         elif sorted(saved) != sorted(names):
             raise TrainingError(f"the checkpoint was trained on data sources {sorted(saved)} but data.sources now "
-                                f"names {sorted(names)}: resume with the same sources, or set training.resume=false")
+                                f"names {sorted(names)}: resume with the same sources, or {START_OVER}")
         else:
             self.source_positions = np.array([int(saved[name]) for name in names], dtype=np.int64)
 
@@ -209,16 +218,16 @@ class Trainer:
                 if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
                     val_loss = self._evaluate_and_track(logger)
                 if self.step % cfg.save_interval == 0 or self.step == cfg.max_steps:
-                    self.checkpoints.save(self.engine, self.step, self._client_state())
+                    self._save()
                     saved_step = self.step
                 if self.step < cfg.max_steps and (reason := stopper.agreed_stop(self.engine.device)):
                     if saved_step != self.step:
-                        self.checkpoints.save(self.engine, self.step, self._client_state())
+                        self._save()
                     return self._stopped(reason, start_step, start)
             if math.isnan(val_loss):  # resumed at the end: nothing ran, measure the final weights anyway
                 val_loss = self._evaluate_and_track(logger)
             if saved_step != self.step:
-                self.checkpoints.save(self.engine, self.step, self._client_state())
+                self._save()
             final_path = self.checkpoints.export_model(
                 self.engine, "final_model.pt", model_config=self.model_config.model_dump(),
                 extra={"step": self.step, "val_loss": val_loss})
@@ -254,10 +263,9 @@ class Trainer:
             total += self.forward_backward_step(micro_step)
         elapsed = time.perf_counter() - started
         self.source_positions += np.bincount(self._step_sources[0], minlength=len(self.source_positions))
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.grad_norms.read()
         loss = distributed.all_reduce_mean(total / self.grad_accum, self.engine.device)
-        metrics = {"loss": loss, "lr": lr,
-                   "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+        metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm,
                    "tokens_per_s": self.tokens_per_step / elapsed, "peak_memory_gb": peak_memory_bytes() / 2**30}
         if self.peak_flops_per_s and self.flops_per_token:
             # Every rank's peak: under sequence parallelism a token's FLOPs are shared by its group's ranks.
@@ -327,8 +335,15 @@ class Trainer:
             torch.distributed.all_reduce(totals)
         return float(totals[0] / totals[1]), int(totals[1])
 
+    def _save(self) -> None:
+        """Commit a resumable checkpoint of this step, only if every rank's weights are finite."""
+        if not weights_finite(self.engine):
+            check_finite_val_loss(self.step, math.nan, self.training, what="a weight")  # raises NonFiniteError
+        self.checkpoints.save(self.engine, self.step, self._client_state())
+
     def _evaluate_and_track(self, logger: MetricsLogger) -> float:
         val_loss = self.evaluate()
+        check_finite_val_loss(self.step, val_loss, self.training)
         logger.log_eval(self.step, val_loss, per_source={name: loss for name, (loss, _) in self.last_eval.items()},
                         num_tokens=sum(tokens for _, tokens in self.last_eval.values()))
         if val_loss < self.best_val_loss:
@@ -350,7 +365,7 @@ class Trainer:
             raise CheckpointError(
                 f"{self.training.checkpoint_dir}: the checkpoint was trained with a global batch of {saved} "
                 f"sequences, this run has {now} (micro-batch {self.micro_batch} x accumulation {self.grad_accum} x "
-                f"{self.world_size} ranks): choose a split with the same product, or set training.resume=false")
+                f"{self.world_size} ranks): choose a split with the same product, or {START_OVER}")
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """The prompt as the model saw text in training: after a document boundary. The shards hold each document

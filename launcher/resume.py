@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.checkpoint.commit import MANIFEST, damage_of, list_checkpoint_tags
-from engine.errors import CheckpointError
+from engine.errors import START_OVER, CheckpointError
 from launcher.config import ConfigError, RunConfig
 
 LAYOUT_KEYS = ("training.batch_size", "training.gradient_accumulation_steps", "training.zero_stage",
@@ -69,8 +69,7 @@ def find_resume_point(run: RunConfig) -> ResumePoint | None:
         global_batch = int(json.loads((folder / "ds_config.json").read_text(encoding="utf-8"))["train_batch_size"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{folder} cannot be resumed: its run_config.json / ds_config.json are missing or "
-                              f"unreadable ({err}); move the folder away, or set training.resume=false to start "
-                              "over") from None
+                              f"unreadable ({err}); move the folder away, or {START_OVER}") from None
     return ResumePoint(folder=folder, run_config=run_config, global_batch=global_batch)
 
 
@@ -128,8 +127,7 @@ def pin_to_checkpoint(run: RunConfig, point: ResumePoint) -> tuple[RunConfig, li
     if errors:
         raise ConfigError(
             f"cannot resume from {point.folder}: these keys differ from the checkpoint's run_config.json and change "
-            "what is trained:\n  - " + "\n  - ".join(errors) + "\nset them back to the checkpoint's values, use "
-            "another training.checkpoint_dir, or set training.resume=false to start over")
+            f"what is trained: {'; '.join(errors)}. Set them back to the checkpoint's values, or {START_OVER}")
     saved = point.run_config["training"]
     training = run.training.model_copy(update={
         "zero_stage": saved["zero_stage"], "offload": saved["offload"],
@@ -145,7 +143,7 @@ def split_global_batch(global_batch: int, world_size: int, *, largest_micro_batc
         raise ConfigError(
             f"the checkpoint was trained with a global batch of {global_batch} sequences, which {world_size} ranks "
             f"cannot split evenly: resume on a number of ranks that divides {global_batch} (set --num_gpus), or "
-            "set training.resume=false to start over")
+            f"{START_OVER}")
     per_rank = global_batch // world_size
     if batch_size is not None or gradient_accumulation_steps is not None:
         micro = batch_size or per_rank // (gradient_accumulation_steps or 1)

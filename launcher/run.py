@@ -85,6 +85,10 @@ def print_datasets() -> None:
     print("\nrecommend a mixture: python tools/list_datasets.py --recommend 1B [--lang en|zh|mix]")
 
 
+WARNED_ENV = "RAG_CONFIG_WARNINGS_SHOWN"
+"""Set for the ranks this command starts: it printed the config warnings (run_command) before starting them."""
+
+
 def launched_by_deepspeed() -> bool:
     """True when a launcher (deepspeed, torchrun) started this process as one rank of a job."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -148,7 +152,7 @@ def start_ranks(args: argparse.Namespace, argv: list[str], num_gpus: int, entry_
     script = Path(entry_script or __file__).resolve()
     command = [sys.executable, "-m", "deepspeed.launcher.runner", *hostfile, "--num_gpus", str(num_gpus),
                "--master_port", str(port), str(script), *argv]
-    env = dict(os.environ)
+    env = {**os.environ, WARNED_ENV: "1"}  # the config warnings were printed here already
     if env.get("DS_ACCELERATOR", "cpu") == "cpu" and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // num_gpus))
     print(f"starting {num_gpus} ranks: {' '.join(command)}", flush=True)
@@ -210,6 +214,10 @@ def run_command(argv: list[str], *, entry_script: str | None = None, trainer_cla
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    # Once per command: rank 0 (or the only process), not again in ranks this command started itself.
+    if int(os.environ.get("RANK", 0)) == 0 and os.environ.get(WARNED_ENV) != "1":
+        for warning in run.training.warnings():
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
 
     launched = launched_by_deepspeed()
     from launcher.nodes import job_nodes
@@ -233,8 +241,12 @@ def run_command(argv: list[str], *, entry_script: str | None = None, trainer_cla
     try:
         check_device_support(run, device)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        if not args.dry_run:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        # A dry run trains nothing: it plans for the hardware it is given (--gpu_memory), not for this machine.
+        print(f"note: a training run on this machine would stop here ({err}); the dry run plans for the hardware "
+              "given", file=sys.stderr)
 
     from launcher.ds_config import build_ds_config, write_ds_config
 
