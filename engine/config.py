@@ -87,8 +87,8 @@ class TrainingConfig(BaseModel):
     muon_momentum: float = 0.95
     """Muon's Nesterov momentum (Jordan et al. 2024 and arXiv:2502.16982 use 0.95)."""
     muon_ns_method: Literal["gram", "standard"] = "gram"
-    """DeepSpeed's Newton-Schulz variant: 'gram' (its default, fp16, cheaper on wide matrices) or 'standard' (bf16,
-    Jordan et al.'s iteration)."""
+    """DeepSpeed's Newton-Schulz variant: 'gram' (its default, cheaper on wide matrices; fp16 on GPUs, fp32 on the
+    CPU) or 'standard' (Jordan et al.'s iteration, in bf16)."""
     adam_beta1: float = 0.9
     """AdamW beta1."""
     adam_beta2: float = 0.95
