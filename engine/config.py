@@ -75,13 +75,20 @@ class TrainingConfig(BaseModel):
     max_steps: int = 50000
     """Number of optimizer steps."""
     learning_rate: float = 3e-4
-    """Peak learning rate (AdamW)."""
+    """Peak learning rate (AdamW; Muon derives its own from it, see docs/optimizers.md)."""
     min_lr_ratio: float = 0.1
     """Cosine decay floor as a fraction of learning_rate."""
     warmup_steps: int = 2000
     """Linear warm-up steps before the cosine decay."""
     weight_decay: float = 0.1
     """AdamW weight decay, applied to matrices only (not norms or biases)."""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """'adamw', or 'muon': DeepSpeed's Muon for hidden matrices and AdamW for the rest (docs/optimizers.md)."""
+    muon_momentum: float = 0.95
+    """Muon's Nesterov momentum (Jordan et al. 2024 and arXiv:2502.16982 use 0.95)."""
+    muon_ns_method: Literal["gram", "standard"] = "gram"
+    """DeepSpeed's Newton-Schulz variant: 'gram' (its default, cheaper on wide matrices; fp16 on GPUs, fp32 on the
+    CPU) or 'standard' (Jordan et al.'s iteration, in bf16)."""
     adam_beta1: float = 0.9
     """AdamW beta1."""
     adam_beta2: float = 0.95
@@ -89,7 +96,8 @@ class TrainingConfig(BaseModel):
     adam_eps: float = 1e-8
     """AdamW epsilon."""
     grad_clip: float = 1.0
-    """Clip the global gradient norm to this value (0 disables clipping)."""
+    """Clip the global gradient norm to this value (0 disables clipping). With optimizer 'muon' it defaults to 0:
+    DeepSpeed's ZeRO 1-3 clip Muon's orthogonalized update rather than the gradient (docs/optimizers.md)."""
     fp16: bool = False
     """Mixed precision with float16 and dynamic loss scaling."""
     bf16: bool = False
@@ -189,6 +197,21 @@ class TrainingConfig(BaseModel):
                             "or training.offload=optimizer")
         if self.offload == "optimizer" and self.zero_stage == 0:
             problems.append("training.offload 'optimizer' needs ZeRO stage 1-3: set training.zero_stage to 1, 2 or 3")
+        if self.optimizer == "muon" and self.offload in ("optimizer", "optimizer+params"):
+            problems.append(f"training.offload {self.offload!r} is not supported with training.optimizer=muon here "
+                            "(DeepSpeed takes Muon with offload only through its own parameter tagging): set "
+                            "training.offload=none or training.optimizer=adamw")
+        if self.optimizer == "muon" and self.grad_clip > 0:
+            if "grad_clip" in self.model_fields_set:
+                problems.append(
+                    f"training.grad_clip={self.grad_clip} with training.optimizer=muon: DeepSpeed 0.19.8's ZeRO 1-3 "
+                    "take the clipping norm over Muon's orthogonalized updates, not the gradients, which scales every "
+                    "update down by that norm (~30x on a 2-layer 64-wide model) and differs from ZeRO-0: set "
+                    "training.grad_clip=0 (docs/optimizers.md)")
+            else:
+                self.grad_clip = 0.0  # the default 1.0 is AdamW's; Muon's updates are normalised by construction
+        if not 0.0 <= self.muon_momentum < 1.0:
+            problems.append(f"training.muon_momentum must be in [0, 1), got {self.muon_momentum}")
         try:
             runtime = self.max_runtime_s
             if runtime is not None and runtime <= 0:

@@ -28,7 +28,9 @@ from engine.checkpoint.export import load_initial_weights
 from engine.checkpoint.safe_load import load_weights_file
 from engine.faults import kill_point, poison_gradient_at
 from engine.metrics import MetricsLogger, peak_memory_bytes
-from engine.param_groups import param_groups
+from engine.optimizer import optimizer_arguments
+# Imported from here by tests/launcher/engine_bytes.py and tools/bench/convert.py.
+from engine.param_groups import param_groups  # noqa: F401
 from engine.schedule import warmup_cosine_scheduler
 from engine.model_setup import build_model
 from model import ModelConfig, create_model, sequence_parallel
@@ -113,8 +115,8 @@ class Trainer:
             if distributed.is_main_process():
                 print(f"initialised from {self.training.init_from}", flush=True)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, self.training.weight_decay), config=self.ds_config,
-            mpu=mpu,
+            model=model, config=self.ds_config, mpu=mpu,
+            **optimizer_arguments(model, self.training, on_cuda=get_accelerator().device_name() == "cuda"),
             lr_scheduler=warmup_cosine_scheduler(warmup_steps=self.training.warmup_steps,
                                                  max_steps=self.training.max_steps,
                                                  min_lr_ratio=self.training.min_lr_ratio))

@@ -5,7 +5,7 @@
 #      (the hybrid: mamba-ssm's fused Mamba-2 kernels and FlashAttention in one model, BambaForCausalLM beside it;
 #      its line adds up to 120 s, not yet timed on a GPU)
 #      (tools/throughput.py: short runs, the plan's micro-batch, sequence 2048, next to a plain PyTorch loop and
-#      transformers' model of the same shape),
+#      transformers' model of the same shape), and 1b_transformer's DeepSpeed step with training.optimizer=muon,
 #   3. the quick start's "the same command uses the GPU" path (launcher/run.py --preset tiny, a few steps),
 #   extra: long context, 1b_transformer_32k throughput on one GPU (<= 150 s); with 2+ GPUs the Ulysses parity
 #      script and an SP=2 throughput run (skipped, and said so, on one GPU: NCCL needs a GPU per rank),
@@ -45,6 +45,12 @@ for preset in test_small 1b_transformer 1b_mamba 1b_hybrid; do
     STATUS[$preset]="exit $code"
     [ -f "$OUT/$preset.json" ] && reports+=("$OUT/$preset.json")
 done
+
+# Muon's step time next to AdamW's (the deepspeed contender above): same preset and plan, training.optimizer=muon.
+timeout 120 "$PY" tools/throughput.py --preset 1b_transformer --seq_len 2048 --steps "$STEPS" --warmup 2 \
+    --contenders deepspeed --set training.optimizer=muon --json "$OUT/1b_transformer_muon.json" 2>&1 \
+    | grep -v "^\[\|it/s\]\|s/it\]" | tee "$OUT/1b_transformer_muon.txt"
+STATUS[muon]="exit ${PIPESTATUS[0]}"
 
 echo "== 3/3 quick start on the GPU: launcher/run.py --preset tiny (20 steps)"
 timeout 120 "$PY" launcher/run.py --preset tiny --set training.max_steps=20 --set training.eval_interval=20 \
@@ -86,6 +92,11 @@ for preset in test_small 1b_transformer 1b_mamba 1b_hybrid; do
     fi
     echo "| throughput $preset | $line |"
 done
+line="${STATUS[muon]}"
+if [ -f "$OUT/1b_transformer_muon.json" ]; then
+    line="$line; $("$PY" tools/throughput.py --markdown "$OUT/1b_transformer_muon.json" --summary)"
+fi
+echo "| throughput 1b_transformer, optimizer Muon (deepspeed only) | $line |"
 echo "| quick start tiny on GPU | ${STATUS[quickstart]} |"
 for name in 1b_transformer_32k 1b_transformer_32k_sp2; do
     [ -f "$OUT/$name.json" ] && echo "| throughput $name | $("$PY" tools/throughput.py --markdown "$OUT/$name.json" --summary) |"

@@ -103,14 +103,18 @@ def load_model_config(folder: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
         raise CheckpointError(f"{path} does not describe a model of this project ({error})") from error
 
 
-def param_names_in_group_order(config: ModelConfig) -> list[list[str]]:
-    """Names of the parameters in each optimizer group, in the order the trainer gave them to DeepSpeed."""
-    from engine.param_groups import param_groups  # the one definition of the groups, the same the trainer uses
+def param_names_in_group_order(config: ModelConfig, optimizer: str = "adamw") -> list[list[str]]:
+    """Names of the parameters in each optimizer group, in the order the trainer gave them to DeepSpeed
+    (training.optimizer `optimizer`: Muon's groups come first, engine/param_groups.py `muon_param_groups`)."""
+    # the one definition of the groups, the same the trainer uses
+    from engine.param_groups import muon_param_groups, param_groups
 
     with torch.device("meta"):
         model = create_model(config.model_type, config)
     name_of = {id(p): name for name, p in model.named_parameters()}
-    return [[name_of[id(p)] for p in group["params"]] for group in param_groups(model, weight_decay=0.0)]
+    groups = (muon_param_groups(model, learning_rate=1.0, weight_decay=0.0) if optimizer == "muon"
+              else param_groups(model, weight_decay=0.0))
+    return [[name_of[id(p)] for p in group["params"]] for group in groups]
 
 
 def _zero0_master_weights(folder: Path, config: ModelConfig) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
@@ -120,7 +124,11 @@ def _zero0_master_weights(folder: Path, config: ModelConfig) -> Iterator[tuple[s
     optimizer = state.get("optimizer") or {}
     module = state["module"]
     if "fp32_groups" in optimizer:  # bf16/fp16 ZeRO-0: the fp32 masters live in the optimizer
-        groups = param_names_in_group_order(config)
+        try:
+            optimizer_name = json.loads((folder / "run_config.json").read_text())["training"].get("optimizer", "adamw")
+        except (OSError, ValueError, KeyError, TypeError):
+            optimizer_name = "adamw"
+        groups = param_names_in_group_order(config, optimizer_name)
         masters = {name: tensor for names, tensors in zip(groups, optimizer["fp32_groups"])
                    for name, tensor in zip(names, tensors)}
         for name, tensor in masters.items():

@@ -79,7 +79,7 @@ def deepspeed_contender(setup: BenchSetup, ds_config: dict[str, Any],
     from engine.distributed import join_sequence_parallel_group, skip_single_rank_gradient_allreduce
     from model import sequence_parallel as sp
     from engine.model_setup import build_model
-    from engine.param_groups import param_groups
+    from engine.optimizer import optimizer_arguments
     from engine.schedule import warmup_cosine_scheduler
 
     mpu = join_sequence_parallel_group(sequence_parallel)
@@ -87,8 +87,9 @@ def deepspeed_contender(setup: BenchSetup, ds_config: dict[str, Any],
                         compiled=setup.training.compile_blocks, mpu=mpu)
     model.num_checkpointed_blocks = setup.num_checkpointed_blocks
     cfg = setup.training
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.weight_decay),
-                                      config=ds_config, mpu=mpu, lr_scheduler=warmup_cosine_scheduler(
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config, mpu=mpu,
+                                      **optimizer_arguments(model, cfg, on_cuda=str(setup.device).startswith("cuda")),
+                                      lr_scheduler=warmup_cosine_scheduler(
                                           warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
                                           min_lr_ratio=cfg.min_lr_ratio))
     skip_single_rank_gradient_allreduce(engine)

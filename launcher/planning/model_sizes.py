@@ -17,6 +17,23 @@ from model.registry import create_model_on, family_costs
 
 
 @functools.lru_cache(maxsize=32)
+def _muon_shapes(model_type: str, config_json: str) -> tuple[tuple[int, ...], ...]:
+    from engine.param_groups import muon_parameter_ids  # the trainer's one rule, asked of the meta-device model
+
+    config = ModelConfig.model_validate_json(config_json)
+    model = create_model_on(model_type, config, device="meta")
+    muon = muon_parameter_ids(model)
+    return tuple(tuple(p.shape) for p in model.parameters() if id(p) in muon)
+
+
+def muon_stats(model: ModelConfig) -> tuple[int, int]:
+    """(elements, largest tensor) of the parameters training.optimizer=muon gives to Muon
+    (engine/param_groups.py `muon_parameter_ids`); the rest go to AdamW."""
+    sizes = [math.prod(shape) for shape in _muon_shapes(model.model_type, model.model_dump_json())]
+    return sum(sizes), max(sizes, default=0)
+
+
+@functools.lru_cache(maxsize=32)
 def _meta_shapes(model_type: str, config_json: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     config = ModelConfig.model_validate_json(config_json)
     model = create_model_on(model_type, config, device="meta")

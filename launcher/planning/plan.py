@@ -184,6 +184,8 @@ def _layouts(training: TrainingConfig, num_layers: int) -> list[tuple[int, str, 
     None stands for 'the fewest blocks, at least one, that fit' (checkpointing under 'auto')."""
     stages = [0, 1, 2, 3] if training.zero_stage == "auto" else [training.zero_stage]
     offloads = ["none", "optimizer", "optimizer+params"] if training.offload == "auto" else [training.offload]
+    if training.optimizer == "muon":
+        offloads = ["none"]  # engine/config.py refuses Muon with offload; 'auto' plans without it
     fixed = training.checkpointed_blocks(num_layers)
     ckpts = [0, None] if fixed is None else [fixed]
     layouts = [(s, o, c) for o in offloads for c in ckpts for s in stages
@@ -246,6 +248,7 @@ def evaluate_layouts(model: ModelConfig, training: TrainingConfig, world_size: i
             return estimate_memory(model, Layout(
                 world_size=world_size, zero_stage=stage, offload=offload, precision=training.precision,
                 micro_batch=micro, seq_len=model.max_seq_len, num_checkpointed_blocks=checkpointed,
+                optimizer=training.optimizer,
                 ranks_per_node=budget.ranks_per_node, on_cuda=budget.on_cuda,
                 fused_ssm_kernels=budget.fused_ssm_kernels, sequence_parallel=sequence_parallel))
 
