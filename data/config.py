@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 class DataSourceConfig(BaseModel):
     """One source of a training mixture."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     path: str
     """A shard-set folder (tools/preprocess_data.py), a Megatron `.bin/.idx` prefix, local .txt/.jsonl/.json/
@@ -31,7 +31,7 @@ class DataSourceConfig(BaseModel):
 class DataConfig(BaseModel):
     """Which corpus to train on, and where its tokenizer and token shards are cached."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     dataset: str = "shakespeare"
     """Corpus name from the dataset catalog ('shakespeare' is the embedded default)."""

@@ -95,7 +95,8 @@ def _build(config: DataConfig, vocab_size: int, folder: Path, *, progress: bool)
     split = load_corpus(config)
     tokenizer_started = time.perf_counter()
     # Trained on the training documents only, so validation text stays unseen.
-    tokenizer = train_tokenizer(split.train, folder / "tokenizer", vocab_size, seed=config.split_seed)
+    tokenizer = train_tokenizer(split.train, folder / "tokenizer", vocab_size, seed=config.split_seed,
+                                vocab_key="model.vocab_size", corpus=f"the {config.dataset} corpus")
     tokenizer_seconds = time.perf_counter() - tokenizer_started
     if tokenizer.vocab_size != vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces, asked for vocab_size {vocab_size}")

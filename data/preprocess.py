@@ -30,7 +30,7 @@ from tqdm import tqdm
 from data.errors import DataError
 from data.output import check_output, name_matcher, publish
 from data.shards import TokenShardWriter, token_dtype
-from data.corpora.sources import DocumentSource, check_hub_reachable, iter_documents
+from data.corpora.sources import DocumentSource, check_hub_reachable, iter_rows
 from data.tokenizer import Tokenizer
 
 SHARD_SET_FORMAT = "rag-transformer-shards"
@@ -118,6 +118,8 @@ class _ShardPairs:
         self.folder, self.vocab_size, self.settings, self.state = folder, vocab_size, settings, state
         self.written_hashes = [hashes]
         self.pending_hashes: list[int] = []
+        self.not_text_positions: list[int] = []
+        """Rows read whose text is not a string, not yet recorded in state (they may lie past the next record)."""
         self.train = self.val = None
 
     def _open(self) -> None:
@@ -146,6 +148,8 @@ class _ShardPairs:
         self.train = self.val = None
         self.state["num_shard_pairs"] += 1
         self.state["num_documents_read"] = next_position
+        self.state["num_rows_not_text"] += sum(1 for p in self.not_text_positions if p < next_position)
+        self.not_text_positions = [p for p in self.not_text_positions if p >= next_position]
         self.written_hashes.append(np.asarray(self.pending_hashes, dtype=np.uint64))
         self.pending_hashes = []
         hashes = np.concatenate(self.written_hashes)
@@ -163,7 +167,7 @@ class _ShardPairs:
 
 def _load_state(folder: Path, settings: dict) -> tuple[dict, np.ndarray]:
     fresh = {"num_shard_pairs": 0, "num_documents_read": 0, "num_train_tokens": 0, "num_val_tokens": 0,
-             "num_train_documents": 0, "num_val_documents": 0}
+             "num_train_documents": 0, "num_val_documents": 0, "num_rows_not_text": 0}
     progress_path = folder / PROGRESS_FILE
     if not progress_path.is_file():
         return fresh, np.zeros(0, dtype=np.uint64)
@@ -172,7 +176,7 @@ def _load_state(folder: Path, settings: dict) -> tuple[dict, np.ndarray]:
     if changed:
         raise DataError(f"{folder} holds an interrupted run with other settings ({', '.join(changed)} differ); "
                         "rerun with the same settings to resume, or choose another --output (or delete it)")
-    state = {key: int(saved[key]) for key in fresh}
+    state = {key: int(saved.get(key, 0)) for key in fresh}  # num_rows_not_text: absent in older progress files
     hashes = np.load(folder / HASHES_FILE) if (folder / HASHES_FILE).is_file() else np.zeros(0, dtype=np.uint64)
     return state, hashes
 
@@ -237,7 +241,7 @@ def preprocess(source: DocumentSource, options: PreprocessOptions) -> dict:
             shutil.rmtree(staging, ignore_errors=True)  # nothing worth resuming: leave nothing behind
         raise
     meta = {**settings, **state, "num_documents_skipped": state["num_documents_read"]
-            - state["num_train_documents"] - state["num_val_documents"],
+            - state["num_train_documents"] - state["num_val_documents"] - state["num_rows_not_text"],
             "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id,
             "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name,
             "train_shards": [f"train_{i:05d}" for i in range(state["num_shard_pairs"])],
@@ -270,8 +274,11 @@ def _run(source: DocumentSource, options: PreprocessOptions, tokenizer: Tokenize
     def batches():
         """(texts, [(is_val, dedup_hash, position)]) of new documents, about task_bytes characters a task."""
         texts, info, size = [], [], 0
-        for position, text in enumerate(iter_documents(source, skip=start_position), start=start_position):
+        for position, text in enumerate(iter_rows(source, skip=start_position), start=start_position):
             num_read[0] = position + 1
+            if text is None:  # its text is not a string: counted (meta num_rows_not_text), not tokenized
+                pairs.not_text_positions.append(position)
+                continue
             if not text.strip():
                 continue
             dedup_hash, split_hash = _document_hash(text)

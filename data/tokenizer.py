@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import sentencepiece as spm
 
+from data.errors import DataError
 from data.output import staged_output
 
 # SentencePiece silently drops training sentences over 4192 bytes (its max_sentence_length default).
@@ -56,16 +58,47 @@ def training_sentences(texts: Iterable[str], max_bytes: int = MAX_LINE_BYTES) ->
                 yield "\n".join(chunk)
 
 
+def vocabulary_error(err: RuntimeError, vocab_size: int, *, vocab_key: str, corpus: str) -> DataError:
+    """SentencePiece's RuntimeError for a vocabulary that does not fit the corpus, as one line naming the key and
+    the size that works (its C++ check text is kept out: it names internal fields, not what to change)."""
+    text = str(err)
+    if match := re.search(r"smaller than required_chars\. (\d+) vs (\d+)", text):
+        return DataError(f"{vocab_key} {vocab_size} is too small for {corpus}: it needs at least {match.group(2)} "
+                         "pieces (its distinct characters, 256 byte pieces and unk/bos/eos); set "
+                         f"{vocab_key} to {match.group(2)} or more")
+    if match := re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", text):
+        return DataError(f"{vocab_key} {vocab_size} is too large for {corpus}: SentencePiece can learn at most "
+                         f"{match.group(2)} pieces from this text; set {vocab_key} to {match.group(2)} or less, or "
+                         "train on more text")
+    return DataError(f"SentencePiece could not train a tokenizer on {corpus} with {vocab_key} {vocab_size}: "
+                     f"{text.strip().splitlines()[0] if text.strip() else type(err).__name__}")
+
+
 def train_tokenizer(
     texts: Iterable[str], model_prefix: str | Path, vocab_size: int = 8192, *, seed: int = 0, num_threads: int = 2,
-    model_type: str = "bpe", character_coverage: float = 0.9995,
+    model_type: str = "bpe", character_coverage: float = 0.9995, vocab_key: str = "the vocabulary size",
+    corpus: str = "this corpus",
 ) -> Tokenizer:
-    """Train a byte-fallback BPE (or unigram) model on texts and write `<model_prefix>.model` atomically."""
+    """Train a byte-fallback BPE (or unigram) model on texts and write `<model_prefix>.model` atomically.
+
+    A vocabulary the corpus cannot fill, or smaller than its characters, is a DataError naming `vocab_key`."""
     model_path = Path(f"{model_prefix}.model")
     model_path.parent.mkdir(parents=True, exist_ok=True)
     # Same texts and seed -> same model: the seed fixes the sampling of sentences beyond the limit.
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
+    try:
+        _train(texts, model, vocab_size=vocab_size, num_threads=num_threads, model_type=model_type,
+               character_coverage=character_coverage)
+    except RuntimeError as err:
+        raise vocabulary_error(err, vocab_size, vocab_key=vocab_key, corpus=corpus) from None
+    with staged_output(model_path, overwrite=True) as temp_path:  # the caller decides about an existing output
+        temp_path.write_bytes(model.getvalue())
+    return Tokenizer(model_path)
+
+
+def _train(texts: Iterable[str], model: io.BytesIO, *, vocab_size: int, num_threads: int, model_type: str,
+           character_coverage: float) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=training_sentences(texts),
         model_writer=model,
@@ -89,9 +122,6 @@ def train_tokenizer(
         num_threads=num_threads,
         minloglevel=2,
     )
-    with staged_output(model_path, overwrite=True) as temp_path:  # the caller decides about an existing output
-        temp_path.write_bytes(model.getvalue())
-    return Tokenizer(model_path)
 
 
 def tokenizer_sha256(path: str | Path) -> str:
@@ -104,9 +134,15 @@ class Tokenizer:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise DataError(f"tokenizer model {self.path} is a folder: give its .model file (tokenizer.model)")
         if not self.path.is_file():
             raise FileNotFoundError(f"tokenizer model {self.path} does not exist")
-        self._processor = spm.SentencePieceProcessor(model_file=str(self.path))
+        try:
+            self._processor = spm.SentencePieceProcessor(model_file=str(self.path))
+        except RuntimeError:  # "could not parse ModelProto": a text file, a JSON tokenizer, a truncated model
+            raise DataError(f"{self.path} is not a SentencePiece model (it does not parse as one): give the .model "
+                            "file that tools/train_tokenizer.py writes (or a Llama-style tokenizer.model)") from None
 
     @property
     def vocab_size(self) -> int:

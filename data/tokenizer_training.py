@@ -45,7 +45,8 @@ def character_coverage_for(documents: list[str]) -> float:
 
 
 def train_tokenizer_on_source(source: DocumentSource, output_model: Path, *, vocab_size: int, model_type: str = "bpe",
-                              sample_bytes: int = DEFAULT_SAMPLE_BYTES, seed: int = 0) -> Tokenizer:
+                              sample_bytes: int = DEFAULT_SAMPLE_BYTES, seed: int = 0,
+                              vocab_key: str = "--vocab_size") -> Tokenizer:
     """Train on the first sample_bytes of source and write output_model atomically."""
     if model_type not in ("bpe", "unigram"):
         raise DataError(f"--model_type must be 'bpe' or 'unigram', got {model_type!r}")
@@ -53,12 +54,9 @@ def train_tokenizer_on_source(source: DocumentSource, output_model: Path, *, voc
         raise DataError(f"--output must end in .model, got {output_model}")
     documents = sample_documents(source, sample_bytes)
     prefix = str(output_model)[:-len(".model")]
-    try:
-        return train_tokenizer(documents, prefix, vocab_size, seed=seed, model_type=model_type,
-                               character_coverage=character_coverage_for(documents))
-    except RuntimeError as err:  # SentencePiece reports a too-large vocabulary for a small sample this way
-        raise DataError(f"SentencePiece could not train on {source.name}: {err}; use a smaller --vocab_size or "
-                        "more text") from None
+    return train_tokenizer(documents, prefix, vocab_size, seed=seed, model_type=model_type,
+                           character_coverage=character_coverage_for(documents), vocab_key=vocab_key,
+                           corpus=f"{source.name} (its first {sum(len(d.encode()) for d in documents):,} bytes)")
 
 
 def adopt_tokenizer(existing: Path, output_model: Path) -> Tokenizer:

@@ -12,7 +12,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from data.corpora.catalog import CATALOG, DOWNLOADED_SHARDS, download_commands, find_entry
 from data.config import DataConfig, DataSourceConfig
+from data.corpora.embedded import CORPORA
 from data.errors import DataError
 from data.mixture import MixtureSampler
 from data.prepare import PreparedData, prepare_data
@@ -73,26 +75,60 @@ def _raw_sources(config: DataConfig) -> list[DataSourceConfig]:
     return [s for s in config.sources if not _is_shard_set(Path(s.path)) and not _is_megatron_prefix(s.path)]
 
 
+def resolve_dataset(config: DataConfig, *, vocab_size: int) -> DataConfig:
+    """data.dataset as it enters: an embedded corpus stays; a catalog dataset ('wikitext', 'wikitext-103') becomes
+    its downloaded shard set `cache_dir/shards/<name>` when that is there, else a DataError with the exact command
+    that downloads it; any other name is a DataError listing both kinds."""
+    if config.sources or config.dataset in CORPORA:
+        return config
+    entry = find_entry(config.dataset)
+    if entry is None:
+        raise DataError(f"data.dataset {config.dataset!r} is unknown: embedded corpora are {', '.join(CORPORA)}; "
+                        f"datasets to download are {', '.join(n for n in CATALOG if n not in CORPORA)} "
+                        "(tools/list_datasets.py); local files go in data.sources")
+    folder = Path(config.cache_dir) / DOWNLOADED_SHARDS / entry.name
+    if read_shard_set_meta(folder) is None:
+        command = download_commands(entry, cache_dir=config.cache_dir, vocab_size=vocab_size,
+                                    tokenizer=config.tokenizer)
+        raise DataError(f"data.dataset {config.dataset!r} is the Hub dataset {entry.hub_id} ({entry.name}), which is "
+                        f"downloaded, not embedded, and {folder} holds no finished shard set: run `{command}` "
+                        "(add --max_tokens N for a part), then rerun this command; it trains on those shards")
+    return config.model_copy(update={"sources": [DataSourceConfig(path=str(folder), name=entry.name)]})
+
+
 def prepare_sources(config: DataConfig, *, vocab_size: int, progress: bool) -> None:
     """Turn raw local sources into shard sets in cache_dir (once; later runs reuse them). Local rank 0 calls it."""
+    config = resolve_dataset(config, vocab_size=vocab_size)
     if not config.sources:
         prepare_data(config, vocab_size=vocab_size, progress=progress)
         return
     raw = _raw_sources(config)
     if not raw:
         return
-    tokenizer_path = Path(config.tokenizer) if config.tokenizer else _existing_tokenizer(config)
+    tokenizer_path = _given_tokenizer(config) or _existing_tokenizer(config)
     if tokenizer_path is None:
         tokenizer_path = Path(config.cache_dir) / "sources" / f"tokenizer-v{vocab_size}.model"
         if not tokenizer_path.is_file():
             train_tokenizer_on_source(resolve_source(raw[0].path, text_field=raw[0].text_field), tokenizer_path,
                                       vocab_size=vocab_size, sample_bytes=FIRST_USE_TOKENIZER_SAMPLE_BYTES,
-                                      seed=config.split_seed)
+                                      seed=config.split_seed, vocab_key="model.vocab_size")
     for source in raw:
         preprocess(resolve_source(source.path, text_field=source.text_field), PreprocessOptions(
             output_dir=_prepared_folder(config, source, vocab_size), tokenizer_path=tokenizer_path,
             num_workers=max(1, min(4, (os.cpu_count() or 1) - 1)), val_fraction=config.val_fraction,
             progress=progress))
+
+
+def _given_tokenizer(config: DataConfig) -> Path | None:
+    """data.tokenizer, checked where it enters: a file that loads as a SentencePiece model (None: not set)."""
+    if not config.tokenizer:
+        return None
+    path = Path(config.tokenizer)
+    try:
+        Tokenizer(path)
+    except (DataError, OSError) as err:
+        raise DataError(f"data.tokenizer: {err}") from None
+    return path
 
 
 def _existing_tokenizer(config: DataConfig) -> Path | None:
@@ -109,6 +145,7 @@ def _readers(folder: Path, names: list[str], vocab_size: int) -> list[TokenShard
 
 def open_training_data(config: DataConfig, *, vocab_size: int, seq_len: int, seed: int) -> TrainingData:
     """Open the (already prepared) data read-only; every rank calls it."""
+    config = resolve_dataset(config, vocab_size=vocab_size)
     if not config.sources:
         prepared = prepare_data(config, vocab_size=vocab_size, progress=False)
         tokenizer = Tokenizer(prepared.tokenizer_path)
@@ -122,7 +159,7 @@ def open_training_data(config: DataConfig, *, vocab_size: int, seq_len: int, see
         return TrainingData(tokenizer=tokenizer, sources=[source],
                             mixture=MixtureSampler([1.0], [source.name]), prepared=prepared)
 
-    tokenizer_path = Path(config.tokenizer) if config.tokenizer else _existing_tokenizer(config)
+    tokenizer_path = _given_tokenizer(config) or _existing_tokenizer(config)
     if tokenizer_path is None:
         tokenizer_path = Path(config.cache_dir) / "sources" / f"tokenizer-v{vocab_size}.model"
     if not tokenizer_path.is_file():

@@ -144,3 +144,48 @@ def skip_single_rank_gradient_allreduce(engine) -> None:
     """
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         engine.enable_backward_allreduce = False
+
+
+def join_sequence_parallel_group(size: int):
+    """Split sequences over `size` consecutive ranks from now on (model/sequence_parallel.py); return the mpu to pass
+    to deepspeed.zero.Init and deepspeed.initialize, whose sequence-data-parallel group ZeRO partitions over and
+    whose data-parallel size the batch divides by; None (and no split) for size 1.
+
+    DeepSpeed's parallel_state_sp (ALST's module) builds the groups: ranks [i N, (i+1) N) form one sequence-parallel
+    group, so a rank's data-parallel index is rank // N."""
+    from model import sequence_parallel
+
+    if size == 1:
+        sequence_parallel.set_sequence_parallel_group(None)
+        return None
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp
+
+    if world_size() % size:
+        raise ValueError(f"training.sequence_parallel={size} does not divide the {world_size()} ranks: choose a "
+                         "divisor of the rank count")
+    if parallel_state_sp._SEQUENCE_PARALLEL_GROUP is None:  # one process may build several engines (tests, tools)
+        parallel_state_sp.initialize_sequence_parallel(size)
+    elif parallel_state_sp.get_sequence_parallel_world_size() != size:
+        raise ValueError("this process already built sequence-parallel groups of another size")
+    sequence_parallel.set_sequence_parallel_group(parallel_state_sp.get_sequence_parallel_group())
+    return _SequenceParallelMpu(parallel_state_sp)
+
+
+class _SequenceParallelMpu:
+    """parallel_state_sp as DeepSpeed's mpu, saying that no tensor is split across ranks.
+
+    parallel_state_sp aliases the model-parallel size to the sequence-parallel one, and DeepSpeed 0.19.8 writes that
+    into every checkpoint as its tensor-parallel degree (engine.py _checkpoint_parallel_metadata) beside one
+    model-state file: ds_to_universal then refuses the checkpoint ("model-state file count 1 does not match
+    pp_degree=1 * tp_degree=2"), so it could not resume on another number of ranks. Everything else (the ranks
+    ZeRO's gradient norm counts, the groups) is parallel_state_sp's own."""
+
+    def __init__(self, state):
+        self._state = state
+
+    def __getattr__(self, name: str):
+        return getattr(self._state, name)
+
+    @staticmethod
+    def get_tensor_model_parallel_world_size() -> int:
+        return 1

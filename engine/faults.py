@@ -8,6 +8,9 @@ the environment of a training run. Never set it in a real run. Points (see where
   checkpoint.latest        folder published, before `latest` names it
   export.best_model.pt     inside the best_model.pt write, the temporary file half written
   export.final_model.pt    inside the final_model.pt write, the temporary file half written
+
+`RAG_TEST_NAN_GRAD_AT=<k>` makes the gradient of one weight NaN in optimizer step k (1-based) while the loss
+stays finite: what an overflow inside the backward pass does (see poison_gradient_at).
 """
 from __future__ import annotations
 
@@ -15,7 +18,10 @@ import os
 import signal
 from pathlib import Path
 
+import torch
+
 KILL_AT_ENV = "RAG_TEST_KILL_AT"
+NAN_GRAD_ENV = "RAG_TEST_NAN_GRAD_AT"
 _counts: dict[str, int] = {}
 
 
@@ -49,3 +55,14 @@ def wrap_deepspeed_saves(engine) -> None:
         kill_point("checkpoint.deepspeed", half_written=path)
 
     checkpoint_engine.save = save
+
+
+def poison_gradient_at(module, completed_steps) -> None:
+    """If RAG_TEST_NAN_GRAD_AT=k is set: a gradient hook on the module's first weight returns NaN during step k
+    (`completed_steps()` is k - 1 then). The forward pass, and so the loss, is untouched."""
+    wanted = os.environ.get(NAN_GRAD_ENV)
+    if not wanted:
+        return
+    step = int(wanted)
+    param = next(module.parameters())
+    param.register_hook(lambda grad: torch.full_like(grad, float("nan")) if completed_steps() + 1 == step else grad)

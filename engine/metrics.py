@@ -43,9 +43,14 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.bar.update(step - self.bar.n)
-        self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+        postfix = {"loss": f"{metrics['loss']:.3f}", "tok_s": f"{metrics['tokens_per_s']:.0f}"}
+        if "mfu" in metrics:  # on GPUs with a known peak only (engine/trainer.py)
+            postfix["mfu"] = f"{100 * metrics['mfu']:.1f}%"
+        self.bar.set_postfix(postfix, refresh=False)
         if write:
             for name, value in metrics.items():
+                if value is None:  # a figure this run cannot measure (a grad norm nobody computes)
+                    continue
                 self.writer.add_scalar(f"train/{name}", value, step)
 
     def log_eval(self, step: int, val_loss: float, *, per_source: dict[str, float] | None = None,

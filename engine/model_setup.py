@@ -16,16 +16,17 @@ from model.registry import TRAINING_DTYPES, create_model_on
 
 
 def build_model(model_config: ModelConfig, *, ds_config: dict[str, Any], precision: str, device: str,
-                compiled: bool = False) -> nn.Module:
+                compiled: bool = False, mpu=None) -> nn.Module:
     """The model for one rank, before deepspeed.initialize.
 
     ZeRO-3: built under deepspeed.zero.Init, each layer partitioned as it is created. ZeRO 0-2 on CUDA: built
     directly on `device` in the training dtype, so no rank holds the whole fp32 model in host RAM (the memory
     plan counts no host copy). CPU: built in fp32 on the host as always (DeepSpeed casts it), so CPU runs stay
-    bit-identical to earlier ones.
+    bit-identical to earlier ones. mpu: DeepSpeed's sequence-parallel state (engine/trainer.py), which tells
+    zero.Init the data-parallel size the batch divides over and the group ZeRO-3 partitions over.
     """
     zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3):
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3, mpu=mpu):
         if not zero3 and device.startswith("cuda"):
             model = create_model_on(model_config.model_type, model_config, device=device,
                                     dtype=TRAINING_DTYPES[precision])

@@ -20,18 +20,22 @@ from data import DataConfig, sample_indices
 from data.training_data import TrainingData, open_training_data, prepare_sources
 from engine import distributed
 from engine.checkpoint.manager import CheckpointManager, latest_tag
-from engine.numerics import check_finite_step
+from engine.numerics import GradNormProbe, check_finite_step, check_finite_val_loss, weights_finite
 from engine.signals import StopController
 from engine.config import TrainingConfig
-from engine.errors import CheckpointError, TrainingError
+from engine.errors import START_OVER, CheckpointError, TrainingError
 from engine.checkpoint.export import load_initial_weights
 from engine.checkpoint.safe_load import load_weights_file
-from engine.faults import kill_point
+from engine.faults import kill_point, poison_gradient_at
 from engine.metrics import MetricsLogger, peak_memory_bytes
-from engine.param_groups import param_groups
+from engine.optimizer import optimizer_arguments
+# Imported from here by tests/launcher/engine_bytes.py and tools/bench/convert.py.
+from engine.param_groups import param_groups  # noqa: F401
 from engine.schedule import warmup_cosine_scheduler
 from engine.model_setup import build_model
-from model import ModelConfig, create_model
+from model import ModelConfig, create_model, sequence_parallel
+from model.losses import IGNORE_INDEX
+from model.registry import family_costs
 
 # Primes that decorrelate the per-step RNG seeds of different runs, steps and ranks.
 _STEP_SEED_PRIME, _RANK_SEED_PRIME = 1_000_003, 7919
@@ -61,13 +65,17 @@ class Trainer:
     """Trains one model on one corpus with the DeepSpeed engine; every rank builds one."""
 
     def __init__(self, *, model_config: ModelConfig, training: TrainingConfig, data: DataConfig,
-                 ds_config: dict[str, Any], run_record: dict[str, Any], local_rank: int = 0):
+                 ds_config: dict[str, Any], run_record: dict[str, Any], local_rank: int = 0,
+                 peak_flops_per_s: float | None = None):
         self.model_config = model_config
         self.training = training
         self.data_config = data
         self.ds_config = ds_config
         self.run_record = run_record
         self.local_rank = local_rank
+        # One GPU's dense 16-bit peak (the launcher's table, launcher/planning/gpu_specs.py); None (CPU, an unknown
+        # GPU, fp32): no MFU is logged.
+        self.peak_flops_per_s = peak_flops_per_s
         self.checkpoints = CheckpointManager(
             training.checkpoint_dir, keep_last=training.keep_last_checkpoints, run_record=run_record,
             node_local=bool(ds_config.get("checkpoint", {}).get("use_node_local_storage", False)))
@@ -95,10 +103,11 @@ class Trainer:
             # flushing them made the CPU Mamba scan ~7x faster (docs/machine_notes.md). GPUs flush already.
             torch.set_flush_denormal(True)
         torch.manual_seed(self.training.seed)
+        mpu = self._join_sequence_parallel_group()
         # ZeRO-3: partitioned while created; ZeRO 0-2 on CUDA: on the GPU in the training dtype (no host copy).
         model = build_model(self.model_config, ds_config=self.ds_config, precision=self.training.precision,
                             device=get_accelerator().current_device_name(),
-                            compiled=self.training.compile_blocks)
+                            compiled=self.training.compile_blocks, mpu=mpu)
         # The launcher resolves 'auto' to the plan's count; a Trainer built directly with 'auto' recomputes nothing.
         model.num_checkpointed_blocks = self.training.checkpointed_blocks(self.model_config.n_layers) or 0
         if self.training.init_from and not (self.training.resume and latest_tag(self.training.checkpoint_dir)):
@@ -106,23 +115,63 @@ class Trainer:
             if distributed.is_main_process():
                 print(f"initialised from {self.training.init_from}", flush=True)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, self.training.weight_decay), config=self.ds_config,
+            model=model, config=self.ds_config, mpu=mpu,
+            **optimizer_arguments(model, self.training, on_cuda=get_accelerator().device_name() == "cuda"),
             lr_scheduler=warmup_cosine_scheduler(warmup_steps=self.training.warmup_steps,
                                                  max_steps=self.training.max_steps,
                                                  min_lr_ratio=self.training.min_lr_ratio))
         distributed.skip_single_rank_gradient_allreduce(self.engine)
+        self.grad_norms = GradNormProbe(self.engine)  # ZeRO-0 fp32: DeepSpeed reports no norm
+        poison_gradient_at(self.engine.module, lambda: self.step)  # a test hook; does nothing in a real run
         self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
         self.grad_accum = self.engine.gradient_accumulation_steps()
-        self.world_size = distributed.world_size()
+        # Ranks of one sequence-parallel group read the same samples: the data-parallel world is world / N, and
+        # tokens are counted once per sequence.
+        self.world_size = distributed.world_size() // self.sequence_parallel_size
+        self.data_rank = distributed.rank() // self.sequence_parallel_size
         self.tokens_per_step = self.micro_batch * self.grad_accum * self.world_size * seq_len
+        # Model FLOPs of one training token as the family states them (model/*_costs.py), the MFU numerator; a
+        # family registered without a costs module logs no MFU.
+        try:
+            self.flops_per_token = family_costs(self.model_config.model_type).training_flops_per_token(
+                self.model_config, seq_len)
+        except ValueError:
+            self.flops_per_token = None
 
         if self.training.resume:
             state = self.checkpoints.load_latest(self.engine)
+            while state is not None and not weights_finite(self.engine):  # committed before the finite checks
+                self.checkpoints.set_aside(self.checkpoints.resumed_tag, "its weights hold NaN or inf")
+                state = self.checkpoints.load_latest(self.engine)
+                if state is None:
+                    raise CheckpointError(
+                        f"every checkpoint in {self.training.checkpoint_dir} holds NaN or inf weights (set aside "
+                        "as *.damaged-*): set training.checkpoint_dir to a new folder to start over")
             if state is not None:
                 self._check_global_batch(state)
                 self.step = int(state["step"])
                 self.best_val_loss = float(state.get("best_val_loss", math.inf))
                 self._restore_source_positions(state.get("data_positions"))
+
+    def _join_sequence_parallel_group(self):
+        """Split sequences over training.sequence_parallel ranks (the launcher resolves 'auto'); the mpu or None."""
+        value = self.training.sequence_parallel
+        self.sequence_parallel_size = value if isinstance(value, int) else 1
+        if self.model_config.max_seq_len % self.sequence_parallel_size:
+            raise TrainingError(f"model.max_seq_len={self.model_config.max_seq_len} does not split over "
+                                f"training.sequence_parallel={self.sequence_parallel_size} ranks: make it a multiple")
+        try:
+            return distributed.join_sequence_parallel_group(self.sequence_parallel_size)
+        except ValueError as err:
+            raise TrainingError(str(err)) from None
+
+    def _forward_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss of batch (B, T + 1): under sequence parallelism this rank runs its shard of every
+        row and the loss is the token-weighted mean over the group (model/sequence_parallel.py)."""
+        inputs = sequence_parallel.shard_sequence(batch[:, :-1])
+        targets = sequence_parallel.shard_sequence(batch[:, 1:])
+        _, loss = self.engine(inputs, targets=targets)
+        return sequence_parallel.group_mean_loss(loss, int((targets != IGNORE_INDEX).sum()))
 
     def _prepare_data(self) -> TrainingData:
         """Local rank 0 builds (or finds) the cache; then every rank opens it read-only."""
@@ -140,7 +189,7 @@ class Trainer:
             self.source_positions = self.data.mixture.counts_after(self.step * global_batch)
         elif sorted(saved) != sorted(names):
             raise TrainingError(f"the checkpoint was trained on data sources {sorted(saved)} but data.sources now "
-                                f"names {sorted(names)}: resume with the same sources, or set training.resume=false")
+                                f"names {sorted(names)}: resume with the same sources, or {START_OVER}")
         else:
             self.source_positions = np.array([int(saved[name]) for name in names], dtype=np.int64)
 
@@ -169,16 +218,16 @@ class Trainer:
                 if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
                     val_loss = self._evaluate_and_track(logger)
                 if self.step % cfg.save_interval == 0 or self.step == cfg.max_steps:
-                    self.checkpoints.save(self.engine, self.step, self._client_state())
+                    self._save()
                     saved_step = self.step
                 if self.step < cfg.max_steps and (reason := stopper.agreed_stop(self.engine.device)):
                     if saved_step != self.step:
-                        self.checkpoints.save(self.engine, self.step, self._client_state())
+                        self._save()
                     return self._stopped(reason, start_step, start)
             if math.isnan(val_loss):  # resumed at the end: nothing ran, measure the final weights anyway
                 val_loss = self._evaluate_and_track(logger)
             if saved_step != self.step:
-                self.checkpoints.save(self.engine, self.step, self._client_state())
+                self._save()
             final_path = self.checkpoints.export_model(
                 self.engine, "final_model.pt", model_config=self.model_config.model_dump(),
                 extra={"step": self.step, "val_loss": val_loss})
@@ -214,19 +263,23 @@ class Trainer:
             total += self.forward_backward_step(micro_step)
         elapsed = time.perf_counter() - started
         self.source_positions += np.bincount(self._step_sources[0], minlength=len(self.source_positions))
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.grad_norms.read()
         loss = distributed.all_reduce_mean(total / self.grad_accum, self.engine.device)
-        return {"loss": loss, "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-                "tokens_per_s": self.tokens_per_step / elapsed, "peak_memory_gb": peak_memory_bytes() / 2**30}
+        metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm,
+                   "tokens_per_s": self.tokens_per_step / elapsed, "peak_memory_gb": peak_memory_bytes() / 2**30}
+        if self.peak_flops_per_s and self.flops_per_token:
+            # Every rank's peak: under sequence parallelism a token's FLOPs are shared by its group's ranks.
+            metrics["mfu"] = (metrics["tokens_per_s"] * self.flops_per_token
+                              / (self.peak_flops_per_s * distributed.world_size()))
+        return metrics
 
     def forward_backward_step(self, micro_step: int) -> float:
         """Forward and backward of one micro-batch; `engine.step()` applies the update at the boundary."""
-        indices = sample_indices(step=self.step, micro_step=micro_step, rank=distributed.rank(),
+        indices = sample_indices(step=self.step, micro_step=micro_step, rank=self.data_rank,
                                  world_size=self.world_size, micro_batch=self.micro_batch,
                                  grad_accum=self.grad_accum)
         batch = self._train_batch(indices).to(self.engine.device, non_blocking=True)
-        _, loss = self.engine(batch[:, :-1], targets=batch[:, 1:])
+        loss = self._forward_loss(batch)
         self.engine.backward(loss)
         self.engine.step()
         return loss.item()
@@ -267,12 +320,13 @@ class Trainer:
         num_windows = min(len(windows), self.training.eval_batches * per_round)
         loss_sum, num_tokens = 0.0, 0
         for round_index in range(math.ceil(num_windows / per_round)):
-            first = round_index * per_round + distributed.rank() * self.micro_batch
+            first = round_index * per_round + self.data_rank * self.micro_batch
             mine = range(first, min(first + self.micro_batch, num_windows))
             # A rank with no window left still runs a forward: ZeRO-3 gathers parameters collectively.
             batch = windows.batch(mine if len(mine) else [0]).to(self.engine.device)
-            _, loss = self.engine(batch[:, :-1], targets=batch[:, 1:])
-            if len(mine):
+            loss = self._forward_loss(batch)
+            # Every rank of a sequence-parallel group holds the same window and group loss: count it once.
+            if len(mine) and sequence_parallel.rank() == 0:
                 tokens = batch[:, 1:].numel()
                 loss_sum += loss.item() * tokens
                 num_tokens += tokens
@@ -281,8 +335,15 @@ class Trainer:
             torch.distributed.all_reduce(totals)
         return float(totals[0] / totals[1]), int(totals[1])
 
+    def _save(self) -> None:
+        """Commit a resumable checkpoint of this step, only if every rank's weights are finite."""
+        if not weights_finite(self.engine):
+            check_finite_val_loss(self.step, math.nan, self.training, what="a weight")  # raises NonFiniteError
+        self.checkpoints.save(self.engine, self.step, self._client_state())
+
     def _evaluate_and_track(self, logger: MetricsLogger) -> float:
         val_loss = self.evaluate()
+        check_finite_val_loss(self.step, val_loss, self.training)
         logger.log_eval(self.step, val_loss, per_source={name: loss for name, (loss, _) in self.last_eval.items()},
                         num_tokens=sum(tokens for _, tokens in self.last_eval.values()))
         if val_loss < self.best_val_loss:
@@ -304,7 +365,7 @@ class Trainer:
             raise CheckpointError(
                 f"{self.training.checkpoint_dir}: the checkpoint was trained with a global batch of {saved} "
                 f"sequences, this run has {now} (micro-batch {self.micro_batch} x accumulation {self.grad_accum} x "
-                f"{self.world_size} ranks): choose a split with the same product, or set training.resume=false")
+                f"{self.world_size} ranks): choose a split with the same product, or {START_OVER}")
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """The prompt as the model saw text in training: after a document boundary. The shards hold each document
@@ -322,6 +383,7 @@ class Trainer:
         ids = self.prompt_ids(prompt)
         idx = torch.tensor([ids], dtype=torch.long, device=self.engine.device)
         torch.manual_seed(self.training.seed)
-        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k)
+        with sequence_parallel.sequence_parallel_disabled():  # rank 0 alone: the whole sequence, no collective
+            out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k)
         # A model may have more ids than its tokenizer (a padded vocabulary); those ids have no text.
         return prompt + self.tokenizer.decode(i for i in out[0, len(ids):].tolist() if i < self.tokenizer.vocab_size)

@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 class SystemConfig(BaseModel):
     """What happens around the run (the original's `system:` section)."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     auto_shutdown: bool = False
     """Power the machine off when training finishes."""
@@ -37,7 +37,7 @@ class SystemConfig(BaseModel):
 class RunConfig(BaseModel):
     """One training run: the original project's top-level keys and sections."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     model_type: str = "transformer"
     """Model family: 'transformer', 'mamba' or 'hybrid' (see --list_models)."""
@@ -97,6 +97,16 @@ def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error (several lines: context, problem, a caret under the text) as one line with the fix."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
+    problem = getattr(err, "problem", None) or (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if "'\\t'" in problem or "\t" in problem:
+        return f"a tab at {where}: YAML indents with spaces only; replace the tab with spaces"
+    return f"{problem} at {where}: check the indentation and the `key: value` form there"
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read one YAML config file into a plain tree."""
     path = Path(path)
@@ -107,7 +117,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        raise ConfigError(f"{path} is not valid YAML: {yaml_problem(err)}") from None
     if tree is None:
         return {}
     if not isinstance(tree, dict):
@@ -176,7 +186,9 @@ def validate_tree(tree: dict[str, Any]) -> RunConfig:
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as err:
-        lines = [_describe(e) for e in err.errors()]
+        lines = [line for e in err.errors() for line in _describe(e).split("\n  - ")]
+        if len(lines) == 1:  # one problem: one line
+            raise ConfigError(f"invalid config: {lines[0]}") from None
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(lines)) from None
 
 

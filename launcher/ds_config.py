@@ -36,6 +36,12 @@ def build_ds_config(run: RunConfig, plan: Plan, *, pin_memory: bool = False) -> 
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin_memory}
     if plan.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": pin_memory}
+    if plan.zero_stage == 3 and plan.sequence_parallel > 1:
+        # DeepSpeed 0.19.8's ZeRO-3 reduce-scatter path (stage3.py __avg_scatter_grads) averages gradients over
+        # the whole sequence-data-parallel group, sequence-parallel ranks included, so they came out N times too
+        # small (measured: half the gradient norm at N = 2); its all-reduce path divides by the data-parallel size
+        # only, as ZeRO 0-2 do (tests/engine/test_sequence_parallel_training.py).
+        zero["reduce_scatter"] = False
     if plan.zero_hpz_partition_size > 1:  # across nodes: launcher/planning/internode.py
         zero["zero_hpz_partition_size"] = plan.zero_hpz_partition_size
     config: dict[str, Any] = {
@@ -51,8 +57,17 @@ def build_ds_config(run: RunConfig, plan: Plan, *, pin_memory: bool = False) -> 
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    if training.grad_clip > 0:
-        config["gradient_clipping"] = training.grad_clip
+    # Always written: DeepSpeed 0.19.8's default is 1.0 (runtime/constants.py GRADIENT_CLIPPING_DEFAULT), so leaving
+    # the key out for grad_clip 0 kept clipping on.
+    config["gradient_clipping"] = training.grad_clip
+    if training.optimizer == "muon":
+        # DeepSpeed's Muon is passed as a client optimizer built from the project's parameter groups
+        # (engine/optimizer.py says why), so the config names no optimizer: DeepSpeed refuses one in both places.
+        del config["optimizer"]
+        if plan.zero_stage == 3:
+            # ZeRO-3 orthogonalizes full gradients it all-gathers itself; stage3.py raises "Muon and reduce
+            # scatter cannot be used together" otherwise (DeepSpeed 0.19.8).
+            zero["reduce_scatter"] = False
     if training.node_local_checkpoints:  # each node's local rank 0 writes the model states (docs/multinode.md)
         config["checkpoint"] = {"use_node_local_storage": True}
     return config

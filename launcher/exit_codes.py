@@ -30,10 +30,17 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
 
 def is_user_error(err: BaseException) -> bool:
-    return isinstance(err, user_error_types())
+    from engine.errors import is_storage_failure
+
+    # A full disk reaches here as torch's RuntimeError too (torch.save has no errno): a storage problem, not a bug.
+    return isinstance(err, user_error_types()) or (isinstance(err, RuntimeError) and is_storage_failure(err))
 
 
 def _message(err: BaseException) -> str:
+    from engine.errors import first_line, is_storage_failure, storage_hint
+
+    if type(err) is RuntimeError and is_storage_failure(err):
+        return f"a write failed: {first_line(err)}; {storage_hint('.', err)}"
     if isinstance(err, OSError) and not err.__class__.__module__.startswith(("data", "engine", "launcher")):
         hint = {errno.ENOSPC: "the disk is full: free space",
                 errno.EROFS: "the file system is read-only: choose a writable folder",

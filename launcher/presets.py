@@ -122,3 +122,20 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "tokens_per_step": 4194304, "save_interval": 5000},
     },
 }
+
+
+def _long_context(base: str, max_seq_len: int, *, model: dict[str, Any] = (), training: dict[str, Any] = ()) -> dict:
+    """`base` at max_seq_len tokens, the sequence split over as many ranks as the memory plan needs
+    (training.sequence_parallel: auto, docs/long_context.md)."""
+    tree = PRESETS[base]
+    return {**tree, "model": {**tree["model"], "max_seq_len": max_seq_len, **dict(model)},
+            "training": {**tree["training"], "sequence_parallel": "auto", **dict(training)}}
+
+
+# Long-context variants: 16x the context of the 1B presets (32k tokens), one million tokens per step as before.
+# The Transformer raises the RoPE base to 500,000 as LLaMA 3 did for long context (Dubey et al. 2024,
+# arXiv:2407.21783, section 3.2); Mamba has no positions to rescale.
+PRESETS["1b_transformer_32k"] = _long_context("1b_transformer", 32768, model={"rope_theta": 500000.0})
+PRESETS["1b_mamba_32k"] = _long_context("1b_mamba", 32768)
+# CPU-sized: 'tiny' at 1024 tokens, for the tests and for trying sequence parallelism on 2-4 CPU ranks.
+PRESETS["tiny_long"] = _long_context("tiny", 1024, training={"batch_size": 4})

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from engine.checkpoint.commit import MANIFEST, damage_of, list_checkpoint_tags
-from engine.errors import CheckpointError
+from engine.errors import START_OVER, CheckpointError
 from launcher.config import ConfigError, RunConfig
 
 LAYOUT_KEYS = ("training.batch_size", "training.gradient_accumulation_steps", "training.zero_stage",
-               "training.offload", "training.activation_checkpointing", "num_gpus")
+               "training.offload", "training.activation_checkpointing", "num_gpus", "training.sequence_parallel")
 """Planned again on resume (the stage and offload kept unless given explicitly)."""
 
 HARMLESS_KEYS = ("training.eval_interval", "training.eval_batches", "training.save_interval",
@@ -69,8 +69,7 @@ def find_resume_point(run: RunConfig) -> ResumePoint | None:
         global_batch = int(json.loads((folder / "ds_config.json").read_text(encoding="utf-8"))["train_batch_size"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{folder} cannot be resumed: its run_config.json / ds_config.json are missing or "
-                              f"unreadable ({err}); move the folder away, or set training.resume=false to start "
-                              "over") from None
+                              f"unreadable ({err}); move the folder away, or {START_OVER}") from None
     return ResumePoint(folder=folder, run_config=run_config, global_batch=global_batch)
 
 
@@ -128,8 +127,7 @@ def pin_to_checkpoint(run: RunConfig, point: ResumePoint) -> tuple[RunConfig, li
     if errors:
         raise ConfigError(
             f"cannot resume from {point.folder}: these keys differ from the checkpoint's run_config.json and change "
-            "what is trained:\n  - " + "\n  - ".join(errors) + "\nset them back to the checkpoint's values, use "
-            "another training.checkpoint_dir, or set training.resume=false to start over")
+            f"what is trained: {'; '.join(errors)}. Set them back to the checkpoint's values, or {START_OVER}")
     saved = point.run_config["training"]
     training = run.training.model_copy(update={
         "zero_stage": saved["zero_stage"], "offload": saved["offload"],
@@ -145,7 +143,7 @@ def split_global_batch(global_batch: int, world_size: int, *, largest_micro_batc
         raise ConfigError(
             f"the checkpoint was trained with a global batch of {global_batch} sequences, which {world_size} ranks "
             f"cannot split evenly: resume on a number of ranks that divides {global_batch} (set --num_gpus), or "
-            "set training.resume=false to start over")
+            f"{START_OVER}")
     per_rank = global_batch // world_size
     if batch_size is not None or gradient_accumulation_steps is not None:
         micro = batch_size or per_rank // (gradient_accumulation_steps or 1)
@@ -161,6 +159,20 @@ def split_global_batch(global_batch: int, world_size: int, *, largest_micro_batc
     return micro, per_rank // micro
 
 
+def check_muon_world_size(point: ResumePoint, world_size: int) -> None:
+    """A Muon checkpoint with ZeRO partitions resumes only on the rank count that saved it: DeepSpeed 0.19.8's
+    universal converter reads Adam's states only (checkpoint/ds_to_universal.py `extract_zero_shards` takes
+    `exp_avg` and `exp_avg_sq` of every group: KeyError on Muon's `momentum_buffer`), and ZeRO-1/2 keep Muon's
+    momentum for whole tensors, not the partition slices it maps. Refused here, before any rank starts."""
+    from engine.checkpoint.universal import saved_world_size
+
+    saved = saved_world_size(point.folder)
+    if point.run_config["training"].get("optimizer") == "muon" and saved is not None and saved != world_size:
+        raise ConfigError(f"{point.folder} was saved by {saved} ranks with training.optimizer=muon; DeepSpeed 0.19.8 "
+                          f"cannot convert Muon's momentum to another rank count ({world_size} now): resume with "
+                          f"{saved} ranks (--num_gpus {saved}), or start a new run (training.resume=false)")
+
+
 def plan_resumed_run(run: RunConfig, point: ResumePoint, world_size: int, budget, *, report: bool = True):
     """The plan for resuming from `point`: the checkpoint's ZeRO layout and global batch, its split over
     `world_size` ranks chosen for memory. Prints the harmless differences (when `report`)."""
@@ -168,6 +180,7 @@ def plan_resumed_run(run: RunConfig, point: ResumePoint, world_size: int, budget
 
     from launcher.planning.plan import choose_plan
 
+    check_muon_world_size(point, world_size)
     pinned, warnings = pin_to_checkpoint(run, point)
     if report:
         for line in warnings:
@@ -179,8 +192,12 @@ def plan_resumed_run(run: RunConfig, point: ResumePoint, world_size: int, budget
     saved = point.run_config["training"]
     requested = {key: getattr(run.training, key) for key in ("batch_size", "gradient_accumulation_steps")
                  if getattr(run.training, key) != saved.get(key)}
-    micro, accum = split_global_batch(point.global_batch, world_size, largest_micro_batch=best.micro_batch,
+    # Sequence parallelism is a layout: the weights and ZeRO partitions do not depend on it, so a resume may change
+    # it (the ranks of one group read one sample: the batch splits over the data-parallel ranks only).
+    micro, accum = split_global_batch(point.global_batch, best.data_parallel_size,
+                                      largest_micro_batch=best.micro_batch,
                                       batch_size=requested.get("batch_size"),
                                       gradient_accumulation_steps=requested.get("gradient_accumulation_steps"))
-    fixed = pinned.training.model_copy(update={"batch_size": micro, "gradient_accumulation_steps": accum})
+    fixed = pinned.training.model_copy(update={"batch_size": micro, "gradient_accumulation_steps": accum,
+                                               "sequence_parallel": best.sequence_parallel})
     return choose_plan(pinned.model, fixed, world_size, budget)

@@ -85,6 +85,10 @@ def print_datasets() -> None:
     print("\nrecommend a mixture: python tools/list_datasets.py --recommend 1B [--lang en|zh|mix]")
 
 
+WARNED_ENV = "RAG_CONFIG_WARNINGS_SHOWN"
+"""Set for the ranks this command starts: it printed the config warnings (run_command) before starting them."""
+
+
 def launched_by_deepspeed() -> bool:
     """True when a launcher (deepspeed, torchrun) started this process as one rank of a job."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -148,7 +152,7 @@ def start_ranks(args: argparse.Namespace, argv: list[str], num_gpus: int, entry_
     script = Path(entry_script or __file__).resolve()
     command = [sys.executable, "-m", "deepspeed.launcher.runner", *hostfile, "--num_gpus", str(num_gpus),
                "--master_port", str(port), str(script), *argv]
-    env = dict(os.environ)
+    env = {**os.environ, WARNED_ENV: "1"}  # the config warnings were printed here already
     if env.get("DS_ACCELERATOR", "cpu") == "cpu" and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // num_gpus))
     print(f"starting {num_gpus} ranks: {' '.join(command)}", flush=True)
@@ -210,6 +214,10 @@ def run_command(argv: list[str], *, entry_script: str | None = None, trainer_cla
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    # Once per command: rank 0 (or the only process), not again in ranks this command started itself.
+    if int(os.environ.get("RANK", 0)) == 0 and os.environ.get(WARNED_ENV) != "1":
+        for warning in run.training.warnings():
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
 
     launched = launched_by_deepspeed()
     from launcher.nodes import job_nodes
@@ -233,8 +241,12 @@ def run_command(argv: list[str], *, entry_script: str | None = None, trainer_cla
     try:
         check_device_support(run, device)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        if not args.dry_run:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        # A dry run trains nothing: it plans for the hardware it is given (--gpu_memory), not for this machine.
+        print(f"note: a training run on this machine would stop here ({err}); the dry run plans for the hardware "
+              "given", file=sys.stderr)
 
     from launcher.ds_config import build_ds_config, write_ds_config
 
@@ -306,7 +318,8 @@ def make_plan(run: RunConfig, args: argparse.Namespace, world_size: int, run_nam
             plan = plan_across_nodes(plan, run.model, run.training, nodes)
     except PlanError as err:
         if rank == 0:
-            print(render_candidates(err.candidates), file=sys.stderr)
+            if err.candidates:  # a refused setting (a sequence-parallel size that cannot split) evaluated none
+                print(render_candidates(err.candidates), file=sys.stderr)
             print(f"error: {err}", file=sys.stderr)
         return None
     except (HardwareError, ValueError, CheckpointError) as err:
@@ -334,6 +347,19 @@ def own_gpu(ranks_per_node: int):
     return [GpuInfo(index=i, name=name, free_bytes=free, total_bytes=total) for i in range(ranks_per_node)]
 
 
+def gpu_peak_flops_per_s(precision: str) -> float | None:
+    """This rank's GPU's dense 16-bit peak from launcher/planning/gpu_specs.py (None on CPU, for fp32, or an unknown GPU):
+    what the trainer's MFU divides by."""
+    import torch
+
+    from launcher.planning.gpu_specs import peak_tflops
+
+    if not torch.cuda.is_available():
+        return None
+    tflops = peak_tflops(torch.cuda.get_device_name(), precision)
+    return tflops * 1e12 if tflops else None
+
+
 def train(run: RunConfig, plan, ds_config: dict, args: argparse.Namespace, world_size: int, *,
           trainer_class: type | None = None) -> int:
     if not launched_by_deepspeed():  # one process on its own: give DeepSpeed the environment a launcher would
@@ -347,6 +373,7 @@ def train(run: RunConfig, plan, ds_config: dict, args: argparse.Namespace, world
     training = run.training.model_copy(update={
         "batch_size": plan.micro_batch, "gradient_accumulation_steps": plan.grad_accum,
         "zero_stage": plan.zero_stage, "activation_checkpointing": plan.num_checkpointed_blocks,
+        "sequence_parallel": plan.sequence_parallel,
         "offload": "optimizer+params" if plan.offload_params else "optimizer" if plan.offload_optimizer else "none"})
     resolved = run.model_copy(update={"training": training})
     run_record = {"run_config": json.loads(resolved.model_dump_json()), "ds_config": ds_config,
@@ -358,10 +385,13 @@ def train(run: RunConfig, plan, ds_config: dict, args: argparse.Namespace, world
         num_params = count_parameters(run.model)
         print(f"training {args.preset or run.model_type}: {run.model_type} with {num_params / 1e6:,.1f}M parameters"
               f" on {world_size} {os.environ.get('DS_ACCELERATOR', 'cpu')} rank(s), ZeRO-{plan.zero_stage}, "
-              f"micro-batch {plan.micro_batch} x accumulation {plan.grad_accum}, {run.training.max_steps} steps, "
+              f"micro-batch {plan.micro_batch} x accumulation {plan.grad_accum}"
+              f"{f', sequences split over {plan.sequence_parallel} ranks' if plan.sequence_parallel > 1 else ''}, "
+              f"{run.training.max_steps} steps, "
               f"{run.training.precision}; checkpoints in {run.training.checkpoint_dir}", flush=True)
     trainer = (trainer_class or Trainer)(model_config=run.model, training=training, data=run.data,
-                                         ds_config=ds_config, run_record=run_record, local_rank=local_rank)
+                                         ds_config=ds_config, run_record=run_record, local_rank=local_rank,
+                                         peak_flops_per_s=gpu_peak_flops_per_s(run.training.precision))
     try:
         result = trainer.train()
     except BaseException as err:

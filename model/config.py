@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, model_validator
 class ModelConfig(BaseModel):
     """Architecture of one decoder-only language model (Transformer or Mamba)."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
+                              allow_inf_nan=False)
 
     model_type: str = "transformer"
     """Model family, a name from the registry: 'transformer', 'mamba' or 'hybrid'."""

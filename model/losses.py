@@ -42,15 +42,19 @@ def linear_cross_entropy_ref(hidden: Tensor, weight: Tensor, targets: Tensor, *,
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_tokens: int) -> Tensor:
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_tokens: int,
+                grad_enabled: bool) -> Tensor:
         h = hidden.reshape(-1, hidden.size(-1))  # (N, C)
         t = targets.reshape(-1)  # (N,)
         num_valid = (t != IGNORE_INDEX).sum().clamp(min=1)
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # Grad mode is always off inside forward, and needs_input_grad only says the inputs require grad (a
+        # parameter always does): under torch.no_grad() (evaluation) the caller's grad mode says no backward comes.
+        want_h, want_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
+        needs_grad = want_h or want_w
         loss_sum = torch.zeros((), dtype=_at_least_fp32(h).dtype, device=h.device)
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_h = torch.empty_like(h) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=_at_least_fp32(weight).dtype, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
+            if want_w else None
         for start in range(0, h.size(0), chunk_tokens):
             h_c, t_c = h[start:start + chunk_tokens], t[start:start + chunk_tokens]  # (n, C), (n,)
             logits = _at_least_fp32(F.linear(h_c, weight))  # (n, V) fp32
@@ -80,7 +84,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         scale = grad_loss
         return (grad_h * scale.to(grad_h.dtype) if grad_h is not None else None,
-                grad_w * scale.to(grad_w.dtype) if grad_w is not None else None, None, None)
+                grad_w * scale.to(grad_w.dtype) if grad_w is not None else None, None, None, None)
 
 
 def chunked_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
@@ -88,7 +92,7 @@ def chunked_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor
     """Same result as `linear_cross_entropy_ref`, holding at most chunk_tokens rows of logits at a time."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens, torch.is_grad_enabled())
 
 
 def use_chunked_loss(weight: Tensor) -> bool:

@@ -77,9 +77,25 @@ def fetch_models(args: argparse.Namespace) -> None:
         print(f"{name}: {scorable.name} cached (context {scorable.context})")
 
 
+def read_text_file(path: str) -> str:
+    """A --text_file's text; DataError when it is missing, not a file, not UTF-8 text, or has no text."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"--text_file {path}: {'is a folder' if file.is_dir() else 'does not exist'}: give a UTF-8 "
+                        "text file to score")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"--text_file {path} is not UTF-8 text (byte {err.start}): convert it, e.g. with iconv") \
+            from None
+    if not text.strip():
+        raise DataError(f"--text_file {path} is empty: there is nothing to score; give a file with text")
+    return text
+
+
 def texts_to_score(args: argparse.Namespace, run_config: dict) -> tuple[str, list[str]]:
     if args.text_file:
-        return ", ".join(args.text_file), [Path(p).read_text(encoding="utf-8") for p in args.text_file]
+        return ", ".join(args.text_file), [read_text_file(p) for p in args.text_file]
     wikitext = read_eval_set("wikitext103_test", args.data_cache, args.max_documents)
     if wikitext:
         return f"WikiText-103 test ({len(wikitext)} articles)", wikitext
@@ -129,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.models_only:
             fetch_models(args)
             return 0
+        for path in args.text_file or []:  # checked before any model is loaded
+            read_text_file(path)
         output = Path(args.output_dir) / "benchmark.json"
         inputs = [*(args.checkpoint or ["checkpoints/best_model.pt"]), *(args.text_file or [])]
         check_output(output, overwrite=args.overwrite, inputs=inputs, what="--output_dir")

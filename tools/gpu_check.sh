@@ -9,7 +9,9 @@
 #      transformers' model of the same shape; the hybrid: mamba-ssm's fused Mamba-2 kernels and FlashAttention in one
 #      model, BambaForCausalLM beside it; a preset this checkout lacks gets a "skipped" row),
 #   3. the quick start's "the same command uses the GPU" path (launcher/run.py --preset tiny, a few steps),
-#   4. the newer features, each only where this checkout has it (sequence parallelism, Muon),
+#   4. the newer features, each where this checkout has it: 1b_transformer's DeepSpeed step with
+#      training.optimizer=muon; long context (1b_transformer_32k on one GPU); with 2+ GPUs the Ulysses parity script
+#      and an SP=2 throughput run (skipped, and said so, on one GPU: NCCL needs a GPU per rank),
 # GPU_CHECK_PARTS picks parts (default: install imports tests throughput quickstart features).
 # Then one Markdown table, printed and written to OUT/gpu_check.md beside OUT/gpu_check_logs.tar.gz (every log and
 # JSON report; per-contender detail: tools/throughput.py --markdown *.json). OUT: --out DIR, else the device tool's
@@ -80,7 +82,7 @@ if [ -n "$WHEELHOUSE" ]; then
     SITE=${GPU_CHECK_SITE:-${TMPDIR:-/tmp}/gpu_check_site}
     if want install; then
     rm -rf "$SITE"
-    run_part "install $(ls "$WHEELHOUSE"/*.whl | wc -l) wheels into $SITE" 90 6 install.txt \
+    run_part "install $(ls "$WHEELHOUSE"/*.whl | wc -l) wheels into $SITE" 90 $((${#PRESETS[@]} + 5)) install.txt \
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
         --target "$SITE" "$WHEELHOUSE"/*.whl
     result="$(status_of), ${TOOK} s, $(ls "$WHEELHOUSE"/*.whl | wc -l) wheels"
@@ -107,14 +109,14 @@ print(f"{gpu}, torch {torch.__version__}, CUDA {torch.version.cuda}, Python {pla
 if [ -n "$WHEELHOUSE" ] && ! want imports; then
     row "wheelhouse imports" "$NOT_WANTED"
 elif [ -n "$WHEELHOUSE" ]; then
-    run_part "imports from the wheelhouse" 60 5 imports.txt "$PY" tools/gpu_wheelhouse.py imports
+    run_part "imports from the wheelhouse" 60 $((${#PRESETS[@]} + 4)) imports.txt "$PY" tools/gpu_wheelhouse.py imports
     cat "$WORK/imports.txt"
     row "wheelhouse imports" "$(status_of): $(tail -1 "$WORK/imports.txt")"
 fi
 
 # 200 s cap: the rotary tests' cold Inductor compiles (four graphs; ~25 s on the CPU here) come first.
 if want tests; then
-    run_part "GPU parity tests (pytest -m gpu)" 200 $((${#PRESETS[@]} + 1)) pytest_gpu.txt \
+    run_part "GPU parity tests (pytest -m gpu)" 200 $((${#PRESETS[@]} + 3)) pytest_gpu.txt \
         "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
     tail -25 "$WORK/pytest_gpu.txt"
     row "pytest -m gpu" "$(tail -1 "$WORK/pytest_gpu.txt" | cut -c1-160) ($(status_of), ${TOOK} s)"
@@ -142,7 +144,7 @@ throughput_row() {  # throughput_row PRESET PARTS_AFTER [extra throughput.py arg
 n=${#PRESETS[@]}
 for preset in "${PRESETS[@]}"; do
     n=$((n - 1))
-    throughput_row "$preset" $((n + 1))
+    throughput_row "$preset" $((n + 3))  # the quick start and two feature rows still to come
 done
 
 quickstart() {  # quickstart NAME LOG [extra --set KEY=VALUE ...]
@@ -156,39 +158,55 @@ quickstart() {  # quickstart NAME LOG [extra --set KEY=VALUE ...]
     QUICK="$(status_of), ${TOOK} s; ${device_line:-no device line found}"
 }
 if want quickstart; then
-    AFTER=0 quickstart "quick start on the GPU: launcher/run.py --preset tiny (20 steps)" quickstart.txt
+    AFTER=2 quickstart "quick start on the GPU: launcher/run.py --preset tiny (20 steps)" quickstart.txt
     row "quick start tiny on GPU" "$QUICK"
 else
     row "quick start tiny on GPU" "$NOT_WANTED"
 fi
 
-# 4. Newer features: one line each, skipped cleanly (with the reason in the table) where this checkout lacks the
-# feature, so the branches that bring them can land in any order. Each runs only if the budget still has room.
+# 4. Newer features, one row each, after the core checks so that the budget serves those first; a feature this
+# checkout lacks gets a "skipped: ..." row (the branches that bring them land in any order).
 num_gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
-if ! want features; then
-    row "sequence parallelism" "$NOT_WANTED"
-elif [ -f model/sequence_parallel.py ]; then
-    if [ "$num_gpus" -ge 2 ] && [ -f tests/model/sequence_parallel_parity.py ]; then
-        run_part "sequence parallelism parity (2 GPUs)" 90 0 sp.txt \
-            "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 tests/model/sequence_parallel_parity.py
-        row "sequence parallelism (2 GPUs)" "$(status_of), ${TOOK} s; $(tail -1 "$WORK/sp.txt" | cut -c1-120)"
+feature_throughput() {  # feature_throughput ROW NAME CAP PARTS_AFTER PRESET [throughput.py args]: one JSON-backed row
+    local title=$1 name=$2 cap=$3 after=$4 preset=$5; shift 5
+    want features || { row "$title" "$NOT_WANTED"; return; }
+    has_preset "'$preset'" || { row "$title" "skipped: no preset $preset in this checkout"; return; }
+    run_part "$title" "$cap" "$after" "$name.txt" "$@" --preset "$preset" --json "$WORK/$name.json"
+    local line="$(status_of), ${TOOK} s"
+    if [ -f "$WORK/$name.json" ]; then
+        line="$line; $("$PY" tools/throughput.py --markdown "$WORK/$name.json" --summary 2>&1 | tail -1)"
     else
-        row "sequence parallelism" "skipped: needs 2 GPUs, this machine has $num_gpus (the CPU tests cover it on gloo)"
+        line="$line; $(grep -v '^\[\|it/s\]\|s/it\]' "$WORK/$name.txt" | grep -i -m1 "error" | sed 's/^ *//' | cut -c1-160)"
     fi
-else
-    row "sequence parallelism" "skipped: not in this checkout (model/sequence_parallel.py)"
-fi
-# Muon: runs where the run config accepts the setting (a dry run validates it without training).
-MUON_SET=${GPU_CHECK_MUON_SET:-training.optimizer=muon}
+    row "$title" "$line"
+}
+# Muon's step time next to AdamW's (the deepspeed contender above): same preset and plan, training.optimizer=muon
+# (a config without Muon refuses the key at once, and the row quotes the refusal).
+feature_throughput "throughput 1b_transformer, optimizer Muon (deepspeed only)" 1b_transformer_muon 120 2 \
+    1b_transformer "$PY" tools/throughput.py --seq_len "$SEQ" --steps "$STEPS" --warmup 2 --contenders deepspeed \
+    --set "${GPU_CHECK_MUON_SET:-training.optimizer=muon}"
+# Long context on one GPU: the 32k preset's own sequence length.
+feature_throughput "throughput 1b_transformer_32k (long context, deepspeed only)" 1b_transformer_32k 150 1 \
+    1b_transformer_32k "$PY" tools/throughput.py --contenders deepspeed --steps 2 --warmup 1
+# Ulysses sequence parallelism needs one GPU per rank (NCCL refuses two ranks on one device).
 if ! want features; then
-    row "quick start tiny, Muon" "$NOT_WANTED"
-elif [ "$(limit 60 0)" -lt 10 ]; then
-    row "quick start tiny, Muon" "skipped (budget)"
-elif timeout "$(limit 60 0)" "$PY" launcher/run.py --preset tiny --set "$MUON_SET" --dry_run > "$WORK/muon_dry_run.txt" 2>&1; then
-    AFTER=0 quickstart "quick start with Muon" quickstart_muon.txt --set "$MUON_SET"
-    row "quick start tiny, Muon" "$QUICK"
+    row "Ulysses parity and SP=2 throughput" "$NOT_WANTED"
+elif [ ! -f tests/model/sequence_parallel_parity.py ]; then
+    row "Ulysses parity and SP=2 throughput" "skipped: not in this checkout (tests/model/sequence_parallel_parity.py)"
+elif [ "$num_gpus" -lt 2 ]; then
+    row "Ulysses parity and SP=2 throughput" "skipped: $num_gpus GPU (Ulysses needs 2; the CPU tests cover it on gloo)"
 else
-    row "quick start tiny, Muon" "skipped: this checkout's config refuses $MUON_SET ($(grep -m1 -i 'optimizer' "$WORK/muon_dry_run.txt" | sed 's/^ *//' | cut -c1-120))"
+    run_part "Ulysses parity, 2 GPUs" 120 1 ulysses_parity.txt "$PY" -m torch.distributed.run --nproc_per_node 2 \
+        tests/model/sequence_parallel_parity.py transformer_gqa transformer_mqa mamba2_one_group mamba2_four_groups
+    row "Ulysses parity, 2 GPUs (tests/model/sequence_parallel_parity.py)" \
+        "$(status_of), ${TOOK} s; $(grep -h "grad_diff" "$WORK/ulysses_parity.txt" | tr '\n' ';' | cut -c1-200)"
+    run_part "Ulysses throughput 1b_transformer_32k, SP=2" 150 0 sp2.txt "$PY" -m torch.distributed.run \
+        --nproc_per_node 2 tools/throughput.py --preset 1b_transformer_32k --sequence_parallel 2 --steps 2 --warmup 1 \
+        --json "$WORK/1b_transformer_32k_sp2.json"
+    line="$(status_of), ${TOOK} s"
+    [ -f "$WORK/1b_transformer_32k_sp2.json" ] && \
+        line="$line; $("$PY" tools/throughput.py --markdown "$WORK/1b_transformer_32k_sp2.json" --summary 2>&1 | tail -1)"
+    row "Ulysses throughput 1b_transformer_32k, SP=2" "$line"
 fi
 
 table="$WORK/gpu_check.md"

@@ -54,7 +54,9 @@ def run_preprocess(spec: str, args: argparse.Namespace) -> int:
         return 130
     print(f"{args.output}: {meta['num_train_tokens']:,} training tokens in {meta['num_shard_pairs']} shard(s), "
           f"{meta['num_val_tokens']:,} validation tokens; {meta['num_train_documents']:,} + "
-          f"{meta['num_val_documents']:,} documents, {meta['num_documents_skipped']:,} duplicate or empty skipped")
+          f"{meta['num_val_documents']:,} documents, {meta['num_documents_skipped']:,} duplicate or empty skipped"
+          + (f", {meta['num_rows_not_text']:,} rows skipped whose {meta['text_field']!r} is not a string "
+             "(null, a number, a list)" if meta.get("num_rows_not_text") else ""))
     return 0
 
 

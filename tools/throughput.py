@@ -55,6 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, as in launcher/run.py (repeatable)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
+    parser.add_argument("--sequence_parallel", type=int, default=1, metavar="N",
+                        help="split each sequence over N ranks (Ulysses; deepspeed contender only): run the tool "
+                             "under `torchrun --nproc_per_node N`; tokens/s counts each sequence once, MFU divides "
+                             "by N GPUs")
     args = parser.parse_args(argv)
     if args.markdown is None and args.preset is None:
         parser.exit(2, "error: give --preset NAME to time, or --markdown REPORT.json ... to tabulate\n")
@@ -62,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 for name, low in (("steps", 1), ("warmup", 0), ("repeats", 1)) if getattr(args, name) < low]
     problems += [f"--{name} must be >= 1, got {getattr(args, name)}"
                  for name in ("seq_len", "micro_batch") if getattr(args, name) is not None and getattr(args, name) < 1]
+    ranks = int(os.environ.get("WORLD_SIZE", 1))
+    if args.sequence_parallel < 1 or args.sequence_parallel != ranks and args.markdown is None:
+        problems.append(f"--sequence_parallel {args.sequence_parallel} needs as many ranks, this is {ranks}: run "
+                        f"`torchrun --nproc_per_node {max(args.sequence_parallel, 1)} tools/throughput.py ...`")
     unknown = set(args.contenders.split(",")) - set(CONTENDERS)
     if unknown:
         problems.append(f"unknown contender(s) {', '.join(sorted(unknown))}: choose from {', '.join(CONTENDERS)}")
@@ -108,8 +116,10 @@ def plan_run(args: argparse.Namespace, on_cuda: bool):
     if args.micro_batch:
         overrides.append(f"training.batch_size={args.micro_batch}")
     overrides.append("training.gradient_accumulation_steps=1")
+    overrides.append(f"training.sequence_parallel={args.sequence_parallel}")
     run = build_run_config(preset=args.preset, overrides=overrides)
-    plan = choose_plan(run.model, run.training, 1, memory_budget(1))
+    ranks = args.sequence_parallel  # one sequence-parallel group: every rank times the same batches
+    plan = choose_plan(run.model, run.training, ranks, memory_budget(ranks))
     return run, plan
 
 
@@ -154,14 +164,14 @@ def summarize(values: list[float]) -> dict[str, float]:
 def markdown_table(reports: list[dict[str, Any]]) -> str:
     """One Markdown table row per preset and contender, from earlier --json reports."""
     gib = 2**30
-    rows = ["| preset | device | precision, layout | micro-batch x seq | contender | tokens/s (median, spread) | "
+    rows = ["| preset | device | precision, layout | micro-batch x seq | SP | contender | tokens/s (median, spread) | "
             "TFLOP/s | MFU | peak GiB | predicted GiB | vs deepspeed |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for report in reports:
         ours = report["results"].get("deepspeed", {}).get("tokens_per_s", {}).get("median")
         for name, r in report["results"].items():
             head = (f"| {report['preset']} | {report['device']} | {report['precision']}, {report['layout']} | "
-                    f"{report['micro_batch']} x {report['seq_len']} | {name} |")
+                    f"{report['micro_batch']} x {report['seq_len']} | {report.get('sequence_parallel', 1)} | {name} |")
             if "error" in r:
                 rows.append(f"{head} failed: {r['error']} | | | | | |")
                 continue
@@ -222,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     contenders = [c for c in CONTENDERS if c in args.contenders.split(",")]
+    if args.sequence_parallel > 1 and contenders != ["deepspeed"]:
+        print("--sequence_parallel: only the deepspeed contender splits sequences; skipping the peers")
+        contenders = ["deepspeed"]
     if "transformers" in contenders:
         try:
             import transformers  # noqa: F401
@@ -237,13 +250,15 @@ def main(argv: list[str] | None = None) -> int:
                        num_checkpointed_blocks=plan.num_checkpointed_blocks)
     ds_config = build_ds_config(run, plan, pin_memory=on_cuda)
     batches = make_batches(setup, count=args.warmup + args.steps, micro_batch=micro_batch, seq_len=seq_len)
-    builders = {"deepspeed": lambda: deepspeed_contender(setup, ds_config),
+    builders = {"deepspeed": lambda: deepspeed_contender(setup, ds_config, args.sequence_parallel),
                 "plain": lambda: plain_contender(setup),
                 "transformers": lambda: transformers_contender(setup)}
     flops_per_token = training_flops_per_token(run.model, seq_len)
     device_name = torch.cuda.get_device_name(0) if on_cuda else f"CPU ({platform.processor() or platform.machine()}, "\
         f"{torch.get_num_threads()} threads)"
     peak = peak_tflops(device_name, run.training.precision) if on_cuda else None
+    if peak:
+        peak *= args.sequence_parallel  # the sequences' FLOPs are shared by N GPUs
     predicted = plan.memory.allocated if plan.memory is not None else None
 
     timings: dict[str, list] = {name: [] for name in contenders}
@@ -283,12 +298,15 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_name, "torch": torch.__version__, "precision": run.training.precision,
         "seq_len": seq_len, "micro_batch": micro_batch, "steps": args.steps, "warmup": args.warmup,
         "repeats": args.repeats, "interleaved": interleave,
-        "layout": f"ZeRO-{plan.zero_stage}{plan.checkpointing_label}",
+        "layout": f"ZeRO-{plan.zero_stage}{plan.checkpointing_label}", "sequence_parallel": args.sequence_parallel,
         "num_params": plan.memory.num_params if plan.memory else None, "flops_per_token": flops_per_token,
         "peak_tflops": peak, "predicted_allocated_bytes": predicted if on_cuda else None,
         "results": results, "ratios": ratios, "errors": errors,
     }
-    print(render(report))
+    if int(os.environ.get("RANK", 0)) != 0:  # the other ranks of a sequence-parallel group timed the same steps
+        args.json = None
+    else:
+        print(render(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.json.with_suffix(args.json.suffix + ".tmp")
@@ -305,7 +323,9 @@ def render(report: dict[str, Any]) -> str:
     """A plain-text table of one report."""
     gib = 2**30
     lines = [f"{report['preset']}: {report['num_params']:,} parameters, {report['precision']}, {report['layout']}, "
-             f"micro-batch {report['micro_batch']} x {report['seq_len']} tokens, {report['steps']} timed steps "
+             f"micro-batch {report['micro_batch']} x {report['seq_len']} tokens"
+             f"{', split over ' + str(report['sequence_parallel']) + ' ranks' if report.get('sequence_parallel', 1) > 1 else ''}"
+             f", {report['steps']} timed steps "
              f"after {report['warmup']}, {report['repeats']} repeat(s); {report['device']}; "
              f"{report['flops_per_token'] / 1e9:.3f} GFLOP per token"
              + ("; interleaved steps (tokens/s per step)" if report.get("interleaved") else ""),

@@ -6,6 +6,7 @@ the real count of a download is what the shards' meta.json reports.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -131,6 +132,33 @@ def dataset_entry(name: str) -> DatasetEntry:
     return CATALOG[name]
 
 
+def find_entry(name: str) -> DatasetEntry | None:
+    """The catalog entry a name means: its short name ('wikitext-103'), its Hub id ('Salesforce/wikitext'), the
+    id's last part ('wikitext') or its config ('wikitext-103-raw-v1'); None when it means none."""
+    wanted = name.strip().lower()
+    for entry in CATALOG.values():
+        names = {entry.name, entry.hub_id.lower(), entry.hub_id.split("/")[-1].lower(), (entry.config or "").lower()}
+        if wanted in names - {""}:
+            return entry
+    return None
+
+
+DOWNLOADED_SHARDS = "shards"
+"""Sub-folder of data.cache_dir where `tools/list_datasets.py --download NAME` is told to put NAME's shard set."""
+
+
+def download_commands(entry: DatasetEntry, *, cache_dir: str, vocab_size: int, tokenizer: str | None) -> str:
+    """The commands that put `entry`'s shard set where data.dataset finds it (a tokenizer first if none is given)."""
+    commands = []
+    if tokenizer is None:
+        tokenizer = f"{cache_dir}/tokenizer-v{vocab_size}.model"
+        commands.append(f"python tools/train_tokenizer.py --input {entry.name} --vocab_size {vocab_size} "
+                        f"--output {tokenizer}")
+    commands.append(f"python tools/list_datasets.py --download {entry.name} --tokenizer {tokenizer} "
+                    f"--output {cache_dir}/{DOWNLOADED_SHARDS}/{entry.name}")
+    return " && ".join(commands)
+
+
 def _human(value: float, unit: str = "") -> str:
     # Counts use B for billions; bytes use G (1.9GB, not 1.9BB).
     for factor, suffix in ((1e12, "T"), (1e9, "G" if unit else "B"), (1e6, "M"), (1e3, "K")):
@@ -160,8 +188,9 @@ def parse_model_size(text: str) -> float:
         value = float(cleaned[:-1]) * scale if scale else float(cleaned)
     except ValueError:
         raise DataError(f"model size {text!r} is not a number of parameters; write e.g. 125M, 1B or 7B") from None
-    if value <= 0:
-        raise DataError(f"model size must be positive, got {text!r}")
+    if not (math.isfinite(value) and value > 0):  # nan, inf and 1e400 parse as floats too
+        raise DataError(f"model size must be a positive finite number of parameters, got {text!r}: write e.g. "
+                        "125M, 1B or 7B")
     return value
 
 
@@ -188,8 +217,9 @@ def recommend(num_params: float, *, lang: str = "en",
     the language's MIXTURES weights."""
     if lang not in MIXTURES:
         raise DataError(f"--lang {lang!r} is not one of {', '.join(MIXTURES)}")
-    if tokens_per_param <= 0:
-        raise DataError(f"--tokens_per_param must be positive, got {tokens_per_param}")
+    if not (math.isfinite(tokens_per_param) and tokens_per_param > 0):
+        raise DataError(f"--tokens_per_param must be a positive finite number, got {tokens_per_param} (20 is "
+                        "Chinchilla's compute-optimal ratio)")
     total = tokens_per_param * num_params
     return [RecommendedSource(entry=CATALOG[name], weight=weight, num_tokens=weight * total)
             for name, weight in MIXTURES[lang].items()]

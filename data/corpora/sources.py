@@ -130,7 +130,14 @@ _READ_BATCH_ROWS = 64
 
 
 def iter_documents(source: DocumentSource, *, skip: int = 0) -> Iterator[str]:
-    """The source's documents in a fixed order, streamed (never all in memory), after the first `skip`."""
+    """The source's documents in a fixed order, streamed (never all in memory), after the first `skip` rows."""
+    return (text for text in iter_rows(source, skip=skip) if text is not None)
+
+
+def iter_rows(source: DocumentSource, *, skip: int = 0) -> Iterator[str | None]:
+    """Every row's text after the first `skip` rows, None for a row whose text is not a string (null, a number, a
+    list): one item per row, so that a position counted over these items is a row number, which is what
+    `skip` skips when an interrupted preprocessing run resumes."""
     import datasets
 
     if source.is_local:
@@ -167,8 +174,7 @@ def iter_documents(source: DocumentSource, *, skip: int = 0) -> Iterator[str]:
                                 f"{', '.join(batch)}); pass the right one with --text_field (data.sources: "
                                 "text_field)")
             for text in batch[source.text_field]:
-                if isinstance(text, str):
-                    yield text
+                yield text if isinstance(text, str) else None
     except DataError:
         raise
     except (ConnectionError, TimeoutError) as err:

@@ -37,7 +37,7 @@ from typing import Any
 
 from engine import distributed
 from engine.checkpoint import universal
-from engine.errors import CheckpointError, UnsafeCheckpointError
+from engine.errors import CheckpointError, UnsafeCheckpointError, first_line, is_storage_failure, storage_hint
 from engine.faults import kill_point, wrap_deepspeed_saves
 from engine.checkpoint.safe_load import check_tree, load_deepspeed_checkpoint, tag_folder
 
@@ -102,17 +102,17 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def storage_error(err: OSError, path: Path) -> CheckpointError:
-    """An OSError while writing checkpoints, as one message naming the path and what to do."""
-    fix = {errno.ENOSPC: "the disk is full: free space or set training.checkpoint_dir to a bigger disk",
-           errno.EDQUOT: "the disk quota is used up: free space or set training.checkpoint_dir elsewhere",
-           errno.EROFS: "the file system is read-only: set training.checkpoint_dir to a writable folder",
-           errno.EACCES: "permission denied: make it writable or set training.checkpoint_dir elsewhere",
-           errno.EPERM: "permission denied: make it writable or set training.checkpoint_dir elsewhere",
-           errno.ENOTDIR: "a file stands where a folder is needed: move it away or set training.checkpoint_dir",
-           errno.EEXIST: "a file stands where a folder is needed: move it away or set training.checkpoint_dir"}
-    hint = fix.get(err.errno, "check the folder and the disk, or set training.checkpoint_dir elsewhere")
-    return CheckpointError(f"cannot write {err.filename or path}: {err.strerror or err}; {hint}")
+def storage_error(err: BaseException, path: Path) -> CheckpointError:
+    """A failed write of a checkpoint (an OSError, or torch's RuntimeError for the same kernel error), as one
+    message naming the path and what to do."""
+    fix = {errno.ENOTDIR: "a file stands where a folder is needed: move it away",
+           errno.EEXIST: "a file stands where a folder is needed: move it away"}
+    code = getattr(err, "errno", None)
+    hint = fix.get(code) or storage_hint(path, err)
+    where = getattr(err, "filename", None) or path
+    reason = (err.strerror if isinstance(err, OSError) and err.strerror else first_line(err))
+    return CheckpointError(f"cannot write {where}: {reason}; {hint}, or set training.checkpoint_dir elsewhere "
+                           "(nothing of this save was kept; earlier checkpoints are intact)")
 
 
 class CheckpointCommitter:
@@ -182,9 +182,11 @@ class CheckpointCommitter:
         try:
             engine.save_checkpoint(str(self.checkpoint_dir), tag=temp_tag, client_state=client_state,
                                    save_latest=False)
-        except OSError as err:
+        except Exception as err:
             shutil.rmtree(self.checkpoint_dir / temp_tag, ignore_errors=True)
-            raise storage_error(err, folder) from err
+            if is_storage_failure(err):  # torch reports ENOSPC/EFBIG as RuntimeError, not OSError
+                raise storage_error(err, folder) from err
+            raise
         self._on_writers(lambda: self._publish(self.checkpoint_dir / temp_tag, folder, step))
         # Only once every writer has published: a node that pruned before another node's commit could delete the
         # last step that both nodes hold.
@@ -274,11 +276,28 @@ class CheckpointCommitter:
 
     @contextlib.contextmanager
     def storage_errors(self, path: Path):
-        """Turn an OSError of a write into a CheckpointError naming `path` and the fix."""
+        """Turn a failed write (OSError, or torch's RuntimeError for one) into a CheckpointError naming `path`."""
         try:
             yield
-        except OSError as err:
-            raise storage_error(err, path) from err
+        except Exception as err:
+            if is_storage_failure(err):  # torch reports ENOSPC/EFBIG as RuntimeError, not OSError
+                raise storage_error(err, path) from err
+            raise
+
+    def set_aside(self, tag: str, why: str) -> Path:
+        """Rename a committed folder that must not be resumed from to `<tag>.damaged-<time>` (kept, never deleted;
+        no longer a checkpoint_step_N, so neither loading nor pruning sees it). All ranks call; rank 0 renames."""
+        folder = self.checkpoint_dir / tag
+        aside = folder.with_name(f"{tag}.damaged-{int(time.time())}")
+
+        def rename() -> None:
+            print(f"warning: checkpoint {folder} cannot be resumed from ({why}); moved to {aside}", file=sys.stderr,
+                  flush=True)
+            folder.rename(aside)
+
+        self._on_writers(rename)  # with node-local disks every node holds a part of it
+        self.resumed_tag = None
+        return aside
 
     # ---- loading -----------------------------------------------------------------------------------------------
     def load_latest(self, engine) -> dict[str, Any] | None:
@@ -307,7 +326,7 @@ class CheckpointCommitter:
         if candidates:
             raise CheckpointError(
                 f"no complete checkpoint in {self.checkpoint_dir} (all of {', '.join(p.name for _, p in candidates)} "
-                "are damaged): move the folder away and set training.resume=false to start over")
+                "are damaged): move the folder away, or set training.checkpoint_dir to a new folder, to start over")
         return None
 
     def _check_loadable(self, folder: Path) -> str | None:

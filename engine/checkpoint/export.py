@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,8 +20,9 @@ from typing import Any
 import torch
 
 from data.output import check_output, name_matcher, staged_output
+from engine.checkpoint.commit import MANIFEST, damage_of
 from engine.checkpoint.manager import TAG_PATTERN, latest_tag
-from engine.errors import CheckpointError
+from engine.errors import CheckpointError, UnsafeCheckpointError, first_line
 from engine.checkpoint.safe_load import load_weights_file, tag_folder, zero_fp32_state_dict
 from model import ModelConfig, create_model
 
@@ -57,7 +59,38 @@ def resolve_checkpoint(path: str | Path, tag: str | None = None) -> Path:
     if not (folder / "run_config.json").is_file():
         raise CheckpointError(f"{folder} has no run_config.json: it was not written by this project's trainer, so "
                               "the model architecture is unknown")
+    check_rank_files(folder)
     return folder
+
+
+def check_rank_files(folder: Path) -> None:
+    """Every file the checkpoint was saved with is there: its manifest's list when it has one (this project's
+    trainer writes it), else one optimizer partition (and under ZeRO-3 one model-states file) per data-parallel
+    rank. Without this, a ZeRO-1/2 folder missing its optimizer files converted the module's low-precision copy
+    instead of the fp32 master weights, and exited 0."""
+    if (folder / MANIFEST).is_file():
+        problem = damage_of(folder)
+        if problem is not None:
+            raise CheckpointError(f"{folder} is incomplete: {problem} (its {MANIFEST} lists every file): copy the "
+                                  "whole folder again, or pick another checkpoint with --tag")
+        return
+    try:
+        stage = int(json.loads((folder / "ds_config.json").read_text())["zero_optimization"]["stage"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not written by this project's trainer: DeepSpeed's own reader reports what it misses
+    model_states = sorted(folder.glob("*model_states.pt"))
+    if stage == 0 or not model_states:
+        return
+    # mmap: reads the pickle's small header objects, not the tensors
+    header = load_weights_file(model_states[0], mmap=True)
+    num_ranks = int(header.get("dp_world_size", 1)) if isinstance(header, dict) else 1
+    kinds = ["optim_states"] + (["model_states"] if stage == 3 else [])
+    missing = [f"zero_pp_rank_{rank}_mp_rank_00_{kind}.pt" for kind in kinds for rank in range(num_ranks)
+               if not any(folder.glob(f"*zero_pp_rank_{rank}_mp_rank_*_{kind}.pt"))]
+    if missing:
+        raise CheckpointError(f"{folder} is incomplete: a ZeRO-{stage} checkpoint of {num_ranks} rank(s) needs "
+                              f"{missing[0]}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}, which "
+                              "is missing: copy every rank's files, or pick another checkpoint with --tag")
 
 
 def load_model_config(folder: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
@@ -70,14 +103,18 @@ def load_model_config(folder: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
         raise CheckpointError(f"{path} does not describe a model of this project ({error})") from error
 
 
-def param_names_in_group_order(config: ModelConfig) -> list[list[str]]:
-    """Names of the parameters in each optimizer group, in the order the trainer gave them to DeepSpeed."""
-    from engine.param_groups import param_groups  # the one definition of the groups, the same the trainer uses
+def param_names_in_group_order(config: ModelConfig, optimizer: str = "adamw") -> list[list[str]]:
+    """Names of the parameters in each optimizer group, in the order the trainer gave them to DeepSpeed
+    (training.optimizer `optimizer`: Muon's groups come first, engine/param_groups.py `muon_param_groups`)."""
+    # the one definition of the groups, the same the trainer uses
+    from engine.param_groups import muon_param_groups, param_groups
 
     with torch.device("meta"):
         model = create_model(config.model_type, config)
     name_of = {id(p): name for name, p in model.named_parameters()}
-    return [[name_of[id(p)] for p in group["params"]] for group in param_groups(model, weight_decay=0.0)]
+    groups = (muon_param_groups(model, learning_rate=1.0, weight_decay=0.0) if optimizer == "muon"
+              else param_groups(model, weight_decay=0.0))
+    return [[name_of[id(p)] for p in group["params"]] for group in groups]
 
 
 def _zero0_master_weights(folder: Path, config: ModelConfig) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
@@ -87,7 +124,11 @@ def _zero0_master_weights(folder: Path, config: ModelConfig) -> Iterator[tuple[s
     optimizer = state.get("optimizer") or {}
     module = state["module"]
     if "fp32_groups" in optimizer:  # bf16/fp16 ZeRO-0: the fp32 masters live in the optimizer
-        groups = param_names_in_group_order(config)
+        try:
+            optimizer_name = json.loads((folder / "run_config.json").read_text())["training"].get("optimizer", "adamw")
+        except (OSError, ValueError, KeyError, TypeError):
+            optimizer_name = "adamw"
+        groups = param_names_in_group_order(config, optimizer_name)
         masters = {name: tensor for names, tensors in zip(groups, optimizer["fp32_groups"])
                    for name, tensor in zip(names, tensors)}
         for name, tensor in masters.items():
@@ -260,14 +301,25 @@ def read_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{index} is not a safetensors index (a JSON object with a 'weight_map'): "
+                                  f"{type(err).__name__}: {first_line(err)}") from None
     elif (folder / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
         raise CheckpointError(f"{folder} has no model.safetensors or model.safetensors.index.json")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(str(folder / file)))
+        path = folder / file
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing (named in {folder}'s safetensors index): copy the whole folder")
+        try:
+            state.update(load_file(str(path)))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError (no public base class)
+            raise CheckpointError(f"{path} is not a safetensors file ({first_line(err)}): give the folder that "
+                                  "save_pretrained or convert_checkpoint.py wrote") from None
     return state
 
 
@@ -303,7 +355,16 @@ def load_initial_weights(model: torch.nn.Module, path: str | Path, config: Model
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"training.init_from: {path} does not exist")
-    checkpoint = load_weights_file(path)
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6; a text file is not one
+        raise CheckpointError(f"training.init_from: {path} is not a PyTorch .pt file (not a zip archive, as "
+                              "torch.save writes): give a final_model.pt or best_model.pt, or the .pt that "
+                              "convert_checkpoint.py --from_hf wrote")
+    try:
+        checkpoint = load_weights_file(path)
+    except UnsafeCheckpointError:
+        raise
+    except CheckpointError as err:  # a damaged archive
+        raise CheckpointError(f"training.init_from: {err}") from None
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model_state_dict" not in checkpoint:
         raise CheckpointError(f"training.init_from: {path} is not a .pt of this project ({{'config', "
                               "'model_state_dict'}}, as final_model.pt or convert_checkpoint.py writes)")
@@ -316,6 +377,7 @@ def load_initial_weights(model: torch.nn.Module, path: str | Path, config: Model
         raise CheckpointError(f"training.init_from: {path} holds another architecture; set {fixes} "
                               "(or use the YAML that convert_checkpoint.py --from_hf wrote beside it)")
     state = checkpoint["model_state_dict"]
+    check_weights({k: tuple(v.shape) for k, v in state.items()}, config, f"training.init_from: {path}")
     with torch.no_grad():
         for name, param in model.named_parameters():
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=hasattr(param, "ds_id")):

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
+from data.errors import DataError
 from data.output import check_output, name_matcher, staged_output
+from data.tokenizer import Tokenizer
 from engine.errors import CheckpointError
 from engine.checkpoint.export import (DEFAULT_MAX_SHARD_BYTES, check_weights, iter_fp32_weights, load_model_config,
                                       read_safetensors_folder, resolve_checkpoint, tied_duplicates,
@@ -52,8 +54,33 @@ def default_tokenizer_path(run_config: dict) -> Path:
 HF_FOLDER_FILES = name_matcher(r"config\.json", r"generation_config\.json", r"tokenizer(?:_config)?\.json",
                                r"special_tokens_map\.json", r"tokenizer\.model", r"added_tokens\.json",
                                r"chat_template\.jinja", r"model\.safetensors", r"model-\d+-of-\d+\.safetensors",
-                               r"model\.safetensors\.index\.json")
+                               r"model\.safetensors\.index\.json", r"run_config\.json")
 """The files write_hf_folder (transformers' save_pretrained) puts in its folder."""
+
+
+RUN_CONFIG_FILE = "run_config.json"
+"""Written into every Hugging Face export: marks the folder as this project's and keeps its run config."""
+
+
+def _keep_sentencepiece_whitespace(folder: Path) -> None:
+    """Make the exported tokenizer.json encode as the SentencePiece model does, and load as written.
+
+    SentencePiece (add_dummy_prefix) puts one "▁" before every text; transformers' LlamaTokenizer rebuilds its
+    pre-tokenizer as Metaspace(prepend_scheme="first"), which skips that "▁" when the text already starts with a
+    space: " x" became 2 ids instead of 3, "  a" lost a space. The legacy Llama tokenizer.json form (a Prepend +
+    Replace normalizer, no pre-tokenizer) matches SentencePiece exactly; the generic tokenizers class loads it
+    verbatim (LlamaTokenizer would rebuild the pre-tokenizer again), so tokenizer_config.json names that class.
+    """
+    path = folder / "tokenizer.json"
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    spec["pre_tokenizer"] = None
+    path.write_text(json.dumps(spec, ensure_ascii=False, indent=2), encoding="utf-8")
+    config_path = folder / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_path.read_text(encoding="utf-8"))
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(tokenizer_config, indent=2), encoding="utf-8")
 
 
 def write_hf_folder(folder: str | Path, out_dir: str | Path, *, tokenizer_path: str | Path | None = None,
@@ -70,6 +97,10 @@ def write_hf_folder(folder: str | Path, out_dir: str | Path, *, tokenizer_path: 
     tokenizer_path = Path(tokenizer_path) if tokenizer_path else default_tokenizer_path(run_config)
     if not tokenizer_path.is_file():
         raise CheckpointError(f"the run's tokenizer {tokenizer_path} is missing: pass --tokenizer PATH/tokenizer.model")
+    try:
+        Tokenizer(tokenizer_path)  # a text or JSON file would fail deep inside transformers' converter
+    except DataError as err:
+        raise CheckpointError(f"--tokenizer: {err}") from None
     mapping = hf_mapping(config)
     hf_config = getattr(transformers, mapping.config_class)(
         **mapping.config_kwargs, bos_token_id=_BOS_ID, eos_token_id=_EOS_ID, pad_token_id=None,
@@ -90,7 +121,11 @@ def write_hf_folder(folder: str | Path, out_dir: str | Path, *, tokenizer_path: 
             raise CheckpointError(f"{tokenizer_path} has {len(tokenizer)} tokens but the model only "
                                   f"{config.vocab_size}: pass the run's own tokenizer with --tokenizer")
         tokenizer.save_pretrained(tmp)
+        _keep_sentencepiece_whitespace(tmp)
         shutil.rmtree(spm_dir)
+        # This project's own run config beside the transformers files (which ignore it): tools/evaluate.py reads
+        # the data settings and exact model config from it (engine/checkpoint/loading.py).
+        (tmp / RUN_CONFIG_FILE).write_text(json.dumps(run_config, indent=2, sort_keys=True) + "\n")
         write_safetensors_shards(iter(items), tmp, max_shard_bytes=max_shard_bytes, progress=progress,
                                  total=len(items))
     return Path(out_dir)

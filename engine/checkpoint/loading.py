@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from engine.checkpoint.manager import TAG_PATTERN, latest_tag
-from engine.errors import CheckpointError
+from engine.errors import CheckpointError, first_line
 from engine.checkpoint.safe_load import check_tree, load_weights_file
 from model import ModelConfig, create_model
 
@@ -42,10 +42,20 @@ def _build(config: ModelConfig, state_dict: dict[str, torch.Tensor], source: Pat
     first_name: dict[int, str] = {}
     aliases = {name for name, p in model.named_parameters(remove_duplicate=False)
                if first_name.setdefault(id(p), name) != name}
+    # torch's load_state_dict lists every size mismatch on its own line: say the count and the first, on one.
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    wrong = [name for name, t in state_dict.items() if name in expected and tuple(t.shape) != expected[name]]
+    if wrong:
+        first = wrong[0]
+        raise CheckpointError(
+            f"{source}: {len(wrong)} weight(s) have another shape than the stored model config builds (first: "
+            f"{first} is {tuple(state_dict[first].shape)} in the file, {expected[first]} for the config): the config "
+            "saved with them does not describe them; export the weights again from their training checkpoint")
     try:
         result = model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=False)
     except RuntimeError as err:
-        raise CheckpointError(f"{source}: the weights do not match the stored model config ({err})") from None
+        raise CheckpointError(f"{source}: the weights do not match the stored model config "
+                              f"({first_line(err)})") from None
     if set(result.missing_keys) - aliases or result.unexpected_keys:
         raise CheckpointError(f"{source}: the weights do not match the stored model config (missing "
                               f"{sorted(set(result.missing_keys) - aliases)}, unexpected {result.unexpected_keys})")
@@ -87,6 +97,16 @@ def _load_exported(folder: Path) -> LoadedModel:
     check_tree(folder)  # a pytorch_model.bin that transformers could fall back to is a pickle too
     own = folder / "model_config.json"
     config_json = json.loads((own if own.is_file() else folder / "config.json").read_text())
+    if "architectures" in config_json and (folder / "run_config.json").is_file():
+        # This project's own Hugging Face export (convert_checkpoint.py --to hf): its weights in our names, its
+        # run config (model and data) from the file the export writes; not "a model of another tokenizer".
+        from engine.checkpoint.hugging_face import read_hf_folder
+
+        run_config = json.loads((folder / "run_config.json").read_text())
+        _, state = read_hf_folder(folder)
+        config = ModelConfig(**run_config["model"])
+        return LoadedModel(model=_build(config, state, folder), model_config=config, kind="hf-export",
+                           source=folder, run_config=run_config)
     if "architectures" in config_json:  # a transformers folder: let transformers read it
         from transformers import AutoModelForCausalLM
 

@@ -64,6 +64,9 @@ def ensure_universal(folder: str | Path) -> Path:
     if saved_world_size(folder) is None:
         raise CheckpointError(f"{folder} holds no ZeRO optimizer partitions (*_optim_states.pt): only ZeRO-1/2/3 "
                               "checkpoints need (and can take) the universal format; ZeRO-0 loads at any world size")
+    if _saved_optimizer(folder) == "muon":  # launcher/resume.py refuses this before the ranks start
+        raise CheckpointError(f"{folder} holds Muon states, which DeepSpeed 0.19.8's universal converter cannot "
+                              f"take (it reads Adam's exp_avg only): resume on the rank count that saved it")
     for leftover in leftovers(folder, UNIVERSAL_SUBDIR):  # a conversion that was killed
         remove(leftover)
     try:
@@ -83,6 +86,16 @@ def ensure_universal(folder: str | Path) -> Path:
         # explicit tag, so the pointer (to the temporary name) would only mislead.
         (folder / "latest_universal").unlink(missing_ok=True)
     return out
+
+
+def _saved_optimizer(folder: Path) -> str:
+    """training.optimizer of the run that saved `folder` (its run_config.json; 'adamw' when not recorded)."""
+    import json
+
+    try:
+        return json.loads((folder / "run_config.json").read_text())["training"].get("optimizer", "adamw")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "adamw"
 
 
 def load_universal(engine, checkpoint_dir: str | Path, tag: str):

@@ -70,27 +70,34 @@ def make_batches(setup: BenchSetup, *, count: int, micro_batch: int, seq_len: in
             for _ in range(count)]
 
 
-def deepspeed_contender(setup: BenchSetup, ds_config: dict[str, Any]) -> tuple[StepFn, Callable[[], None]]:
-    """The Trainer's path: build_model + deepspeed.initialize with the launcher's ds_config."""
+def deepspeed_contender(setup: BenchSetup, ds_config: dict[str, Any],
+                        sequence_parallel: int = 1) -> tuple[StepFn, Callable[[], None]]:
+    """The Trainer's path: build_model + deepspeed.initialize with the launcher's ds_config; with
+    sequence_parallel > 1 every rank runs its shard of each sequence (all ranks get the same batches)."""
     import deepspeed
 
-    from engine.distributed import skip_single_rank_gradient_allreduce
+    from engine.distributed import join_sequence_parallel_group, skip_single_rank_gradient_allreduce
+    from model import sequence_parallel as sp
     from engine.model_setup import build_model
-    from engine.param_groups import param_groups
+    from engine.optimizer import optimizer_arguments
     from engine.schedule import warmup_cosine_scheduler
 
+    mpu = join_sequence_parallel_group(sequence_parallel)
     model = build_model(setup.model, ds_config=ds_config, precision=setup.training.precision, device=setup.device,
-                        compiled=setup.training.compile_blocks)
+                        compiled=setup.training.compile_blocks, mpu=mpu)
     model.num_checkpointed_blocks = setup.num_checkpointed_blocks
     cfg = setup.training
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.weight_decay),
-                                      config=ds_config, lr_scheduler=warmup_cosine_scheduler(
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config, mpu=mpu,
+                                      **optimizer_arguments(model, cfg, on_cuda=str(setup.device).startswith("cuda")),
+                                      lr_scheduler=warmup_cosine_scheduler(
                                           warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
                                           min_lr_ratio=cfg.min_lr_ratio))
     skip_single_rank_gradient_allreduce(engine)
 
     def step(batch: torch.Tensor) -> torch.Tensor:
-        _, loss = engine(batch[:, :-1], targets=batch[:, 1:])
+        targets = sp.shard_sequence(batch[:, 1:])
+        _, loss = engine(sp.shard_sequence(batch[:, :-1]), targets=targets)
+        loss = sp.group_mean_loss(loss, targets.numel())
         engine.backward(loss)
         engine.step()
         return loss.detach()

@@ -102,11 +102,12 @@ def plan_across_nodes(plan: Plan, model: ModelConfig, training: TrainingConfig, 
 
 def _label(plan: Plan) -> str:
     chosen = next((c for c in plan.candidates if c.fits and c.zero_stage == plan.zero_stage
-                   and c.offload == plan.offload and c.num_checkpointed_blocks == plan.num_checkpointed_blocks), None)
+                   and c.offload == plan.offload and c.num_checkpointed_blocks == plan.num_checkpointed_blocks
+                   and c.sequence_parallel == plan.sequence_parallel), None)
     return chosen.label if chosen else f"ZeRO-{plan.zero_stage}"
 
 
 def _one_node_choice(plan: Plan, model: ModelConfig, training: TrainingConfig):
     """The candidate the same ranks would get if they were all on one node (the single-node ranking)."""
-    ranked = evaluate_layouts(model, training, plan.world_size, plan.budget, num_nodes=1)
+    ranked = evaluate_layouts(model, training, plan.world_size, plan.budget, plan.sequence_parallel, num_nodes=1)
     return next((c for c in ranked if c.fits), None)

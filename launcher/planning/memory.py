@@ -21,6 +21,7 @@ from model.config import ModelConfig
 from launcher.planning import model_sizes
 
 Precision = Literal["fp32", "bf16", "fp16"]
+Optimizer = Literal["adamw", "muon"]
 Offload = Literal["none", "optimizer", "optimizer+params"]
 
 # ---- DeepSpeed settings: the single definition launcher/ds_config.py writes into zero_optimization -------------
@@ -67,6 +68,18 @@ ADAM_STATE_BYTES = 8
 """fp32 Adam exp_avg and exp_avg_sq per parameter (same section)."""
 FP32_GRAD_BYTES = 4
 """fp32 gradient Adam reads: DeepSpeed converts each gradient partition before the step."""
+MUON_MOMENTUM_BYTES = 4
+"""Muon's one state, the momentum, per Muon parameter: fp32 at ZeRO-0 and ZeRO-3 (MuonWithAuxAdam.step's
+zeros_like of the fp32 weight; stage3.py _create_momentum_buffer on the fp32 partition). ZeRO-1/2 keep it in the
+gradient's dtype instead, twice (see MUON_ZERO12_MOMENTUM_BUFFERS)."""
+MUON_ZERO12_MOMENTUM_BUFFERS = 2
+"""ZeRO-1/2 (stage_1_and_2.py `_muon_momentum_buffer`, `_muon_staging_momentum`): a committed and a staged flat
+momentum per Muon group, each in the gradient's dtype and sized by the whole tensors of the partition's parameters
+(a matrix that straddles two partitions has its full momentum on both)."""
+NS_WORKSPACE_COPIES = 5
+"""Transient fp32 tensors of one matrix's Muon update (deepspeed/runtime/zero/muon/original_muon.py): the Nesterov
+blend, the normalised X, X X^T and its square (at most X's size for a wide-or-square view), the new X; counted at
+the optimizer step for the largest Muon matrix, on every rank (each orthogonalizes whole matrices)."""
 
 # ---- allowances -------------------------------------------------------------------------------------------------
 CUDA_CONTEXT_BYTES = 1 << 30
@@ -92,7 +105,10 @@ class Layout:
     """One way to lay a run on its ranks: everything the memory depends on besides the model."""
 
     world_size: int
-    """Data-parallel ranks."""
+    """Ranks: data-parallel x sequence-parallel (ZeRO partitions over all of them)."""
+    sequence_parallel: int = 1
+    """Ranks each sequence is split over (Ulysses, model/sequence_parallel.py): every sequence-proportional
+    activation is divided by it, and its all-to-all buffers are added."""
     zero_stage: int
     """DeepSpeed ZeRO stage 0-3."""
     offload: Offload = "none"
@@ -108,6 +124,8 @@ class Layout:
     recompute method; 0 = none, model.n_layers = all)."""
     ranks_per_node: int | None = None
     """Ranks sharing one host's RAM (None = world_size: a single node)."""
+    optimizer: Optimizer = "adamw"
+    """'adamw', or 'muon': Muon's momentum for the hidden matrices, Adam's two moments for the rest."""
     fused_ssm_kernels: bool = True
     """Mamba: mamba-ssm's fused kernels run (CUDA with mamba-ssm installed); False = the PyTorch reference ops."""
     on_cuda: bool = True
@@ -121,10 +139,15 @@ class Layout:
             problems.append("optimizer offload needs ZeRO stage 1-3")
         if self.offload == "optimizer+params" and self.zero_stage != 3:
             problems.append("parameter offload needs ZeRO-3")
+        if self.optimizer == "muon" and self.offload != "none":
+            problems.append("Muon is planned without offload (engine/config.py refuses the combination)")
         if self.precision not in DTYPE_BYTES:
             problems.append(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        if min(self.world_size, self.micro_batch, self.seq_len) < 1:
-            problems.append("world_size, micro_batch and seq_len must be >= 1")
+        if min(self.world_size, self.micro_batch, self.seq_len, self.sequence_parallel) < 1:
+            problems.append("world_size, micro_batch, seq_len and sequence_parallel must be >= 1")
+        elif self.world_size % self.sequence_parallel or self.seq_len % self.sequence_parallel:
+            problems.append(f"sequence_parallel={self.sequence_parallel} must divide world_size={self.world_size} "
+                            f"and seq_len={self.seq_len}")
         if self.num_checkpointed_blocks < 0:
             problems.append(f"num_checkpointed_blocks must be >= 0, got {self.num_checkpointed_blocks}")
         if problems:
@@ -175,12 +198,40 @@ class ModelStateBytes:
                 + self.optimizer_states)
 
 
+def optimizer_state_bytes(num_params: int, layout: Layout, *, muon_params: int = 0, largest_muon: int = 0) -> int:
+    """Bytes of optimizer states one rank holds for `num_params` parameters (its ZeRO partition from stage 1 on):
+    AdamW's two fp32 moments for every parameter, or, with Muon, the momentum of the `muon_params` Muon elements
+    and Adam's moments for the rest (largest_muon: elements of the largest Muon matrix, for ZeRO-1/2's boundary)."""
+    n, stage = layout.world_size, layout.zero_stage
+    share = (lambda count: count) if stage == 0 else (lambda count: -(-count // n))
+    if layout.optimizer == "adamw" or muon_params == 0:
+        return share(num_params) * ADAM_STATE_BYTES
+    adam = share(num_params - muon_params) * ADAM_STATE_BYTES
+    if stage in (1, 2):
+        whole_tensors = min(muon_params, share(muon_params) + (largest_muon if n > 1 else 0))
+        return adam + MUON_ZERO12_MOMENTUM_BUFFERS * whole_tensors * DTYPE_BYTES[layout.precision]
+    return adam + share(muon_params) * MUON_MOMENTUM_BYTES
+
+
+def muon_workspace_bytes(layout: Layout, *, muon_params: int, largest_muon: int) -> int:
+    """Transient bytes of Muon's step on one rank: Newton-Schulz on the largest matrix (NS_WORKSPACE_COPIES), and
+    at ZeRO-3 the full gradients and momentums of up to reduce_bucket_size elements that stage3.py
+    `_apply_muon_to_accumulated_grads` all-gathers at once, in the communication dtype (the weights')."""
+    if layout.optimizer != "muon" or muon_params == 0:
+        return 0
+    workspace = NS_WORKSPACE_COPIES * largest_muon * 4
+    if layout.zero_stage == 3:
+        workspace += 2 * min(muon_params, max(REDUCE_BUCKET_ELEMENTS, largest_muon)) * DTYPE_BYTES[layout.precision]
+    return workspace
+
+
 def model_state_bytes(num_params: int, layout: Layout, *, largest_tensor: int = 0,
-                      persistent: int = 0) -> ModelStateBytes:
+                      persistent: int = 0, muon_params: int = 0, largest_muon: int = 0) -> ModelStateBytes:
     """Bytes of the model states per rank for `num_params` trainable parameters under `layout`.
 
     largest_tensor and persistent (elements; see model_sizes.ParameterStats) only matter for ZeRO-3, and
-    largest_tensor also for ZeRO-1/2 with optimizer offload.
+    largest_tensor also for ZeRO-1/2 with optimizer offload. muon_params and largest_muon (elements; see
+    model_sizes.muon_stats) only matter when layout.optimizer is 'muon'.
     """
     p, n, stage = num_params, layout.world_size, layout.zero_stage
     wb = gb = DTYPE_BYTES[layout.precision]
@@ -196,7 +247,7 @@ def model_state_bytes(num_params: int, layout: Layout, *, largest_tensor: int = 
         # and flattens the 16-bit gradients into fp32 ones (runtime/fp16/*optimizer.py).
         step = p * gb + (p * FP32_GRAD_BYTES if mixed else 0)
         master = p * MASTER_BYTES if mixed else 0
-        states = p * ADAM_STATE_BYTES
+        states = optimizer_state_bytes(p, layout, muon_params=muon_params, largest_muon=largest_muon)
     elif stage in (1, 2):
         weights = p * wb
         # ZeRO-1 accumulates full gradients in param.grad and reduces them at the boundary; ZeRO-2 reduce-scatters
@@ -205,7 +256,8 @@ def model_state_bytes(num_params: int, layout: Layout, *, largest_tensor: int = 
         backward = p * gb if stage == 1 else (0 if off_opt else part * gb)
         step = 0 if off_opt else part * (gb + FP32_GRAD_BYTES)
         master = 0 if off_opt else part * MASTER_BYTES
-        states = 0 if off_opt else part * ADAM_STATE_BYTES
+        states = 0 if off_opt else optimizer_state_bytes(p, layout, muon_params=muon_params,
+                                                         largest_muon=largest_muon)
         if off_opt:
             # ZeRO-Offload (cpu_offload in stage_1_and_2.py): gradients cross to the host through a staging buffer of
             # the largest tensor's size on each side (temp_grad_buffer_for_gpu/cpu_offload). The host keeps the fp32
@@ -233,7 +285,7 @@ def model_state_bytes(num_params: int, layout: Layout, *, largest_tensor: int = 
             backward = persistent_g = part * gb
             step = part * gb + min(part, SUB_GROUP_SIZE) * FP32_GRAD_BYTES
             master = part * MASTER_BYTES
-            states = part * ADAM_STATE_BYTES
+            states = optimizer_state_bytes(p, layout, muon_params=muon_params, largest_muon=largest_muon)
     return ModelStateBytes(weights=weights, persistent_weights=persistent_w, gathered_weights=gathered_w,
                            backward_gradients=backward, gathered_gradients=gathered_g, step_gradients=step,
                            master_weights=master, optimizer_states=states, persistent_gradients=persistent_g, cpu=cpu)
@@ -321,10 +373,13 @@ def activation_bytes(model: ModelConfig, layout: Layout) -> int:
     the tensors autograd saves for every N (tests/launcher/test_memory.py); the second is reasoned, not measured.
     """
     ab = DTYPE_BYTES[layout.precision]
-    tokens = layout.micro_batch * layout.seq_len
-    # Each block's own bytes: the hybrid's attention and Mamba layers differ (model/hybrid/costs.py).
-    per_layer = model_sizes.activation_bytes_per_layer(model, ab, seq_len=layout.seq_len, on_cuda=layout.on_cuda,
-                                                       fused_ssm_kernels=layout.fused_ssm_kernels)
+    tokens = layout.micro_batch * layout.seq_len // layout.sequence_parallel  # this rank's shard of each sequence
+    # Each block's own bytes: the hybrid's attention and Mamba layers differ (model/hybrid/costs.py). Per token, a
+    # sequence-parallel block saves what the unsplit one does (its mixers hold the whole sequence for 1/N of the
+    # heads); Mamba's split mixers run the separate conv and scan ops, never mamba-ssm's one-op path.
+    per_layer = model_sizes.activation_bytes_per_layer(
+        model, ab, seq_len=layout.seq_len, on_cuda=layout.on_cuda,
+        fused_ssm_kernels=layout.fused_ssm_kernels and layout.sequence_parallel == 1)
     checkpointed = layout.num_checkpointed_blocks
     if checkpointed > model.n_layers:
         raise ValueError(f"{checkpointed} checkpointed blocks, but the model has {model.n_layers} (model.n_layers)")
@@ -342,18 +397,27 @@ def estimate_memory(model: ModelConfig, layout: Layout) -> MemoryEstimate:
     zero3 = layout.zero_stage == 3
     largest = stats.largest_tensor if zero3 or layout.offload != "none" else 0
     persistent = stats.persistent if zero3 else 0
-    states = model_state_bytes(stats.total, layout, largest_tensor=largest, persistent=persistent)
+    muon_params, largest_muon = model_sizes.muon_stats(model) if layout.optimizer == "muon" else (0, 0)
+    states = model_state_bytes(stats.total, layout, largest_tensor=largest, persistent=persistent,
+                               muon_params=muon_params, largest_muon=largest_muon)
     comm = communication_bytes(stats.total, layout, largest_tensor=largest, persistent=persistent)
+    local_tokens = layout.micro_batch * layout.seq_len // layout.sequence_parallel
+    # Sequence parallelism: one block's all-to-all buffers at a time (model/*_costs.py sequence_parallel_buffer_bytes).
+    comm += local_tokens * model_sizes.sequence_parallel_buffer_bytes(model, DTYPE_BYTES[layout.precision],
+                                                                      layout.sequence_parallel)
     acts = activation_bytes(model, layout)
     # model/losses.py: the chunked loss runs on CUDA except under ZeRO-3 (use_chunked_loss).
     logits = model_sizes.logits_bytes(model, DTYPE_BYTES[layout.precision],
-                                      tokens=layout.micro_batch * layout.seq_len, chunked=layout.on_cuda and not zero3)
+                                      tokens=local_tokens, chunked=layout.on_cuda and not zero3)
     optimizer = states.master_weights + states.optimizer_states
     backward = dict(parameters=states.weights + states.persistent_weights + states.gathered_weights,
                     gradients=states.backward_gradients + states.gathered_gradients, optimizer_states=optimizer,
                     activations=acts, logits=logits, communication=comm)
     # At the step: ZeRO-3 keeps its up-front IPG bucket; the other stages' buckets are gone.
-    step = dict(parameters=states.weights, gradients=states.step_gradients, optimizer_states=optimizer,
+    # Muon's Newton-Schulz buffers live while the update is computed, at the step (ZeRO-1/2: at the last backward's
+    # end, when the step's gradients are complete; counted here with the step).
+    workspace = muon_workspace_bytes(layout, muon_params=muon_params, largest_muon=largest_muon)
+    step = dict(parameters=states.weights, gradients=states.step_gradients, optimizer_states=optimizer + workspace,
                 activations=0, logits=0, communication=REDUCE_BUCKET_ELEMENTS * DTYPE_BYTES[layout.precision]
                 if zero3 else 0)
     moment, parts = max((("backward", backward), ("optimizer step", step)), key=lambda item: sum(item[1].values()))

@@ -17,6 +17,23 @@ from model.registry import create_model_on, family_costs
 
 
 @functools.lru_cache(maxsize=32)
+def _muon_shapes(model_type: str, config_json: str) -> tuple[tuple[int, ...], ...]:
+    from engine.param_groups import muon_parameter_ids  # the trainer's one rule, asked of the meta-device model
+
+    config = ModelConfig.model_validate_json(config_json)
+    model = create_model_on(model_type, config, device="meta")
+    muon = muon_parameter_ids(model)
+    return tuple(tuple(p.shape) for p in model.parameters() if id(p) in muon)
+
+
+def muon_stats(model: ModelConfig) -> tuple[int, int]:
+    """(elements, largest tensor) of the parameters training.optimizer=muon gives to Muon
+    (engine/param_groups.py `muon_parameter_ids`); the rest go to AdamW."""
+    sizes = [math.prod(shape) for shape in _muon_shapes(model.model_type, model.model_dump_json())]
+    return sum(sizes), max(sizes, default=0)
+
+
+@functools.lru_cache(maxsize=32)
 def _meta_shapes(model_type: str, config_json: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     config = ModelConfig.model_validate_json(config_json)
     model = create_model_on(model_type, config, device="meta")
@@ -100,3 +117,28 @@ def training_flops_per_token(m: ModelConfig, seq_len: int) -> int:
     """Model FLOPs of one training token, as the family counts them (the MFU numerator)."""
     return family_costs(m.model_type).training_flops_per_token(m, seq_len)
 
+
+
+# ---- sequence parallelism: stated by each family ----------------------------------------------------------------
+
+def sequence_parallel_problem(m: ModelConfig, n: int) -> str:
+    """'' when the family's mixers can split a sequence over n ranks, else why not."""
+    if n <= 1:
+        return ""
+    costs = family_costs(m.model_type)
+    if not hasattr(costs, "sequence_parallel_problem"):
+        return f"model type {m.model_type!r} states no sequence-parallel costs (see model/transformer/costs.py)"
+    problem = costs.sequence_parallel_problem(m, n)
+    if not problem and m.max_seq_len % n:
+        problem = f"model.max_seq_len={m.max_seq_len} does not divide into {n} shards"
+    return problem
+
+
+def sequence_parallel_buffer_bytes(m: ModelConfig, act_bytes: int, n: int) -> int:
+    """Per local token, one block's all-to-all send and receive buffers under n-way sequence parallelism."""
+    return 0 if n <= 1 else family_costs(m.model_type).sequence_parallel_buffer_bytes(m, act_bytes, n)
+
+
+def sequence_parallel_traffic_bytes(m: ModelConfig, act_bytes: int, n: int) -> int:
+    """Bytes one token sends to other ranks per training step under n-way sequence parallelism."""
+    return 0 if n <= 1 else family_costs(m.model_type).sequence_parallel_traffic_bytes(m, act_bytes, n)

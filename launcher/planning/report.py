@@ -51,15 +51,27 @@ def _budget_line(budget: MemoryBudget) -> str:
     return f"Planned against: {budget.source}; safety margin {SAFETY_MARGIN:.0%} of each."
 
 
+def _optimizer_label(model: ModelConfig, training: TrainingConfig) -> str:
+    """'optimizer AdamW', or Muon with how many parameters it takes (the rest: AdamW)."""
+    if training.optimizer != "muon":
+        return "optimizer AdamW"
+    from launcher.planning.model_sizes import count_parameters, muon_stats
+    muon, _ = muon_stats(model)
+    return (f"optimizer Muon for {_count(muon)} hidden-matrix parameters + AdamW for "
+            f"{_count(count_parameters(model) - muon)} (ns {training.muon_ns_method})")
+
+
 def render_plan(plan: Plan, model: ModelConfig, training: TrainingConfig, *, name: str = "") -> str:
     """The full dry-run report: context, the candidate table, the chosen plan and why."""
     memory = plan.memory
     num_params = memory.num_params if memory is not None else 0
     layout = f" = {plan.num_nodes} nodes x {plan.world_size // plan.num_nodes} GPUs" if plan.num_nodes > 1 else ""
     title = (f"Memory plan{' for ' + name if name else ''}: {model.model_type}, {_count(num_params)} parameters, "
-             f"{training.precision}, sequence {model.max_seq_len}, {plan.world_size} rank(s){layout}")
+             f"{training.precision}, sequence {model.max_seq_len}, {plan.world_size} rank(s){layout}, "
+             f"{_optimizer_label(model, training)}")
     chosen = next((c for c in plan.candidates if c.fits and c.zero_stage == plan.zero_stage
-                   and c.offload == plan.offload and c.num_checkpointed_blocks == plan.num_checkpointed_blocks),
+                   and c.offload == plan.offload and c.num_checkpointed_blocks == plan.num_checkpointed_blocks
+                   and c.sequence_parallel == plan.sequence_parallel),
                   None)
     lines = [title, _budget_line(plan.budget), *([f"Nodes: {plan.nodes_description}"] if plan.nodes_description
                                                  else []), "",

@@ -80,3 +80,37 @@ def training_flops_per_token(m: ModelConfig, seq_len: int) -> int:
     mamba = 3 * (len(kinds) - num_attention) * scan_forward_flops_per_token(m, seq_len)
     return 6 * matmul_parameters(m) + attention + mamba
 
+
+
+# ---- sequence parallelism: each layer's mixer splits as in its own family (model/sequence_parallel.py) ----------
+
+def sequence_parallel_problem(m: ModelConfig, n: int) -> str:
+    """'' when both mixers can split over n ranks: attention's heads (Ulysses) and Mamba-2's heads and groups."""
+    from model.mamba import costs as mamba
+    from model.transformer import costs as transformer
+
+    kinds = set(layer_kinds(m))
+    problems = ([transformer.sequence_parallel_problem(m, n)] if ATTENTION in kinds else []) + \
+        ([mamba.sequence_parallel_problem(m, n)] if kinds - {ATTENTION} else [])
+    return "; ".join(p for p in problems if p)
+
+
+def sequence_parallel_buffer_bytes(m: ModelConfig, act_bytes: int, n: int) -> int:
+    """One block's all-to-all buffers per local token: the larger of the two mixers'."""
+    from model.mamba import costs as mamba
+    from model.transformer import costs as transformer
+
+    return max(transformer.sequence_parallel_buffer_bytes(m, act_bytes, n),
+               mamba.sequence_parallel_buffer_bytes(m, act_bytes, n))
+
+
+def sequence_parallel_traffic_bytes(m: ModelConfig, act_bytes: int, n: int) -> int:
+    """Bytes one token sends per training step: each family's per-layer traffic times its layer count."""
+    from model.mamba import costs as mamba
+    from model.transformer import costs as transformer
+
+    kinds = layer_kinds(m)
+    attention = sum(kind == ATTENTION for kind in kinds)
+    per_attention = transformer.sequence_parallel_traffic_bytes(m, act_bytes, n) / m.n_layers
+    per_mamba = mamba.sequence_parallel_traffic_bytes(m, act_bytes, n) / m.n_layers
+    return int(attention * per_attention + (len(kinds) - attention) * per_mamba)

@@ -30,6 +30,7 @@ from model.block_checkpointing import BlockCheckpointing
 from model.config import ModelConfig
 from model.hybrid.config import ATTENTION, layer_kinds
 from model.losses import chunked_linear_cross_entropy, use_chunked_loss
+from model import sequence_parallel
 from model.mamba.mixers import GatedRMSNorm, Mamba2Mixer, MixerState
 from model.partitioned_init import gathered_for_init
 from model.sampling import decode
@@ -127,8 +128,9 @@ class HybridLM(BlockCheckpointing, nn.Module):
         return self.rope.cos[start:start + length], self.rope.sin[start:start + length]  # (T, D/2) each
 
     def _hidden(self, idx: Tensor) -> Tensor:
-        """Final-norm hidden states (B, T, C) of idx (B, T)."""
-        cos, sin = self._tables(0, idx.size(1))
+        """Final-norm hidden states (B, T, C) of idx (B, T); under sequence parallelism idx is this rank's shard, at
+        global positions from sequence_parallel.position_offset (model/sequence_parallel.py)."""
+        cos, sin = self._tables(sequence_parallel.position_offset(idx.size(1)), idx.size(1))
         x = self.tok_embeddings(idx)  # (B, T, C)
         for i, block in enumerate(self.layers):
             x = self.run_block(i, block, x, cos, sin)  # (B, T, C)

@@ -120,7 +120,7 @@ def layer_input_bytes(m: ModelConfig, act_bytes: int) -> int:
 
 
 def head_activation_bytes(m: ModelConfig, act_bytes: int, *, on_cuda: bool = True) -> int:
-    """Per token, outside the blocks: the final RMSNorm (model/mamba_mixers.RMSNorm on the fp32 stream, as in every
+    """Per token, outside the blocks: the final RMSNorm (model/mamba/mixers.RMSNorm on the fp32 stream, as in every
     block) and its output (lm_head's input), token ids and targets."""
     return FP32_BYTES * (m.d_model + 1) + act_bytes * m.d_model + act_bytes * m.d_model + 2 * INDEX_BYTES
 
@@ -168,3 +168,35 @@ def training_flops_per_token(m: ModelConfig, seq_len: int) -> int:
     """Model FLOPs of one training token (forward + backward, 3x forward, as for the Transformer's 6 N): the
     projections (2 per weight forward) and the sequence mixing of every layer. Recomputation is not counted."""
     return 3 * (2 * matmul_parameters(m) + m.n_layers * scan_forward_flops_per_token(m, seq_len))
+
+
+def sequence_parallel_problem(m: ModelConfig, n: int) -> str:
+    """'' when the mixers can split over n ranks (model/mamba/mixers.py _forward_sequence_parallel): Mamba-2 deals
+    heads and B/C groups (groups divide over the ranks or are replicated), Mamba-1 deals d_inner channels."""
+    dims = mamba_dims(m)
+    if m.ssm_type == "mamba1":
+        return f"d_inner = {dims['d_inner']} channels do not divide over {n} ranks" if dims["d_inner"] % n else ""
+    if dims["nheads"] % n:
+        return f"{dims['nheads']} Mamba-2 heads do not divide over {n} sequence-parallel ranks"
+    if m.ngroups % n and n % m.ngroups:
+        return f"{m.ngroups} B/C groups neither divide over {n} ranks nor divide {n}"
+    return ""
+
+
+def _exchanged_width(m: ModelConfig, n: int) -> int:
+    """Channels per token one rank's all-to-alls move: [x, B, C, dt] in (B and C once per receiving rank when
+    groups are replicated) and y out; Mamba-1: x and z in, y out."""
+    dims = mamba_dims(m)
+    if m.ssm_type == "mamba1":
+        return 3 * dims["d_inner"]
+    return 2 * dims["d_inner"] + 2 * max(m.ngroups, n) * m.d_state + dims["nheads"]
+
+
+def sequence_parallel_buffer_bytes(m: ModelConfig, act_bytes: int, n: int) -> int:
+    """Bytes per local token of one block's all-to-all send and receive buffers under n-way sequence parallelism."""
+    return 0 if n <= 1 else 2 * act_bytes * _exchanged_width(m, n)
+
+
+def sequence_parallel_traffic_bytes(m: ModelConfig, act_bytes: int, n: int) -> int:
+    """Bytes one token sends to other ranks in one training step (forward and backward, every block)."""
+    return 0 if n <= 1 else int(2 * m.n_layers * act_bytes * _exchanged_width(m, n) * (n - 1) / n)

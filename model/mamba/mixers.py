@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model import sequence_parallel
 from model.config import ModelConfig
 from model.mamba.selective_scan import selective_scan
 from model.mamba.ssd_scan import mamba_split_conv1d_scan_combined, ssd_chunk_scan
@@ -125,6 +126,8 @@ class Mamba2Mixer(nn.Module):
             return self._step(u, state)
         batch, seqlen, _ = u.shape
         zxbcdt = self.in_proj(u)  # (B, L, 2 Di + 2 G N + H)
+        if not return_state and sequence_parallel.is_active():
+            return self._forward_sequence_parallel(zxbcdt)
         A = -torch.exp(self.A_log.float())  # (H,); fp32 so that a bf16 A_log cannot round A to -inf
         if not return_state:  # training: the one-op form, mamba-ssm's memory-efficient path on GPU
             return mamba_split_conv1d_scan_combined(
@@ -143,6 +146,54 @@ class Mamba2Mixer(nn.Module):
         y, ssm_state = result
         y = self.norm(y.reshape(batch, seqlen, self.d_inner), z)  # (B, L, Di)
         return self.out_proj(y), (conv_state_from_inputs(xBC_t, self.d_conv), ssm_state)
+
+    def _rank_channels(self, rank: int, n: int) -> tuple[Tensor, Tensor, Tensor]:
+        """What group rank `rank` of n works on: its heads (H/n, contiguous), its channels of [x, B, C] in conv
+        order, and those channels plus its dt heads as indices into [x, B, C, dt] (zxbcdt without z). B/C groups
+        divide over the ranks or, fewer than ranks, are replicated: heads of a rank never span two groups."""
+        heads_per_rank, N = self.nheads // n, self.d_state
+        heads = torch.arange(rank * heads_per_rank, (rank + 1) * heads_per_rank)
+        groups = torch.arange(rank * self.ngroups // n, rank * self.ngroups // n + max(self.ngroups // n, 1))
+        x = (heads[:, None] * self.headdim + torch.arange(self.headdim)).flatten()
+        bc = (groups[:, None] * N + torch.arange(N)).flatten()
+        conv = torch.cat([x, self.d_inner + bc, self.d_inner + self.ngroups * N + bc])
+        return heads, conv, torch.cat([conv, self.conv_dim + heads])
+
+    def _forward_sequence_parallel(self, zxbcdt: Tensor) -> Tensor:
+        """Head-sharded Mamba-2 (Megatron-LM's context parallelism for Mamba, NVIDIA/Megatron-LM#1437): zxbcdt
+        (B, L/n, .) of this rank's shard -> (B, L/n, d_model).
+
+        The conv and the SSD scan run along the sequence but never mix heads: an all-to-all gives this rank the
+        whole sequence of its H/n heads' [x, dt] and its groups' [B, C]; the conv and the scan run unchanged on
+        them; a second all-to-all returns y to the sequence shard before the gated norm, which normalises over
+        d_inner / ngroups channels and may span heads of several ranks, and out_proj. Always the unfused ops: the
+        one-op kernel takes whole [z, x, B, C, dt] rows."""
+        n, rank = sequence_parallel.world_size(), sequence_parallel.rank()
+        if self.nheads % n or (self.ngroups % n and n % self.ngroups):
+            raise ValueError(f"Mamba-2 sequence parallelism deals heads and B/C groups to ranks: {self.nheads} "
+                             f"heads and {self.ngroups} groups do not split over {n} ranks; choose "
+                             "training.sequence_parallel dividing the head count and dividing or divided by "
+                             "model.ngroups")
+        z, xbcdt = zxbcdt.split([self.d_inner, self.conv_dim + self.nheads], dim=-1)  # (B, L/n, Di), (B, L/n, .)
+        device = zxbcdt.device
+        sends = [self._rank_channels(j, n)[2].to(device) for j in range(n)]
+        heads, conv, _ = (t.to(device) for t in self._rank_channels(rank, n))
+        local = sequence_parallel.sequence_to_channels(xbcdt, sends)  # (B, L, c): the whole sequence, my channels
+        xBC, dt = local.split([conv.numel(), heads.numel()], dim=-1)  # (B, L, h P + 2 g N), (B, L, h)
+        weight = self.conv1d.weight.squeeze(1).index_select(0, conv)  # (c, d_conv)
+        xBC = causal_conv1d(xBC.transpose(1, 2), weight, self.conv1d.bias.index_select(0, conv),
+                            "silu").transpose(1, 2)  # (B, L, c)
+        batch, seqlen, _ = xBC.shape
+        num_heads, num_groups = heads.numel(), max(self.ngroups // n, 1)
+        x, B, C = xBC.split([num_heads * self.headdim, num_groups * self.d_state, num_groups * self.d_state], dim=-1)
+        A = -torch.exp(self.A_log.float().index_select(0, heads))  # (h,)
+        y = ssd_chunk_scan(
+            x.reshape(batch, seqlen, num_heads, self.headdim), dt, A,
+            B.reshape(batch, seqlen, num_groups, self.d_state), C.reshape(batch, seqlen, num_groups, self.d_state),
+            self.chunk_size, D=self.D.index_select(0, heads), dt_bias=self.dt_bias.index_select(0, heads),
+            dt_softplus=True)  # (B, L, h, P)
+        y = sequence_parallel.channels_to_sequence(y.reshape(batch, seqlen, num_heads * self.headdim))  # (B, L/n, Di)
+        return self.out_proj(self.norm(y, z))  # (B, L/n, d_model)
 
     def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> MixerState:
         conv_state = torch.zeros(batch, self.conv_dim, self.d_conv, device=device, dtype=dtype)
@@ -201,6 +252,8 @@ class Mamba1Mixer(nn.Module):
         decode step: u (B, d_model) -> (B, d_model), the state updated in place."""
         if state is not None:
             return self._step(u, state)
+        if not return_state and sequence_parallel.is_active():
+            return self._forward_sequence_parallel(self.in_proj(u))
         xz = self.in_proj(u).transpose(1, 2)  # (B, 2 Di, L)
         if not return_state and use_fused("mamba_inner_fn", xz):
             return self._forward_fused(xz)
@@ -216,6 +269,33 @@ class Mamba1Mixer(nn.Module):
         if not return_state:
             return out
         return out, (conv_state_from_inputs(x, self.d_conv), ssm_state)
+
+    def _forward_sequence_parallel(self, xz: Tensor) -> Tensor:
+        """Channel-sharded Mamba-1: xz (B, L/n, 2 Di) of this rank's shard -> (B, L/n, d_model).
+
+        The conv and the selective scan never mix channels, so an all-to-all gives this rank the whole sequence of
+        Di/n channels of x and z. x_proj does mix channels (dt, B, C come from all of them): each rank projects its
+        channels with its columns of the weight and one all-reduce sums the parts. dt_proj, the scan and the gate
+        then run on this rank's channels, and a second all-to-all returns y to the sequence shard for out_proj."""
+        n, rank = sequence_parallel.world_size(), sequence_parallel.rank()
+        if self.d_inner % n:
+            raise ValueError(f"Mamba-1 sequence parallelism deals d_inner = {self.d_inner} channels to {n} ranks: "
+                             "choose training.sequence_parallel dividing expand * d_model")
+        width = self.d_inner // n
+        sends = [torch.cat([torch.arange(j * width, (j + 1) * width),
+                            self.d_inner + torch.arange(j * width, (j + 1) * width)]).to(xz.device) for j in range(n)]
+        mine = torch.arange(rank * width, (rank + 1) * width, device=xz.device)
+        x, z = sequence_parallel.sequence_to_channels(xz, sends).transpose(1, 2).chunk(2, dim=1)  # (B, c, L) each
+        x_conv = causal_conv1d(x, self.conv1d.weight.squeeze(1).index_select(0, mine),
+                               self.conv1d.bias.index_select(0, mine), "silu")  # (B, c, L)
+        partial = F.linear(x_conv.transpose(1, 2), self.x_proj.weight.index_select(1, mine))  # (B, L, R + 2 N)
+        dt, B, C = sequence_parallel.all_reduce_sum(partial).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight.index_select(0, mine))  # (B, L, c)
+        A = -torch.exp(self.A_log.float().index_select(0, mine))  # (c, N)
+        y = selective_scan(x_conv, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
+                           self.D.float().index_select(0, mine), z=z,
+                           delta_bias=self.dt_proj.bias.float().index_select(0, mine), delta_softplus=True)  # (B, c, L)
+        return self.out_proj(sequence_parallel.channels_to_sequence(y.transpose(1, 2)))  # (B, L/n, d_model)
 
     def _forward_fused(self, xz: Tensor) -> Tensor:
         """The training path in one autograd op: mamba-ssm's mamba_inner_fn (conv, x_proj, dt_proj, selective scan,

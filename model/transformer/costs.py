@@ -84,3 +84,31 @@ def training_flops_per_token(m: ModelConfig, seq_len: int) -> int:
     Recomputation (activation checkpointing) is not counted: that is HFU, not MFU.
     """
     return 6 * matmul_parameters(m) + 12 * m.n_layers * m.n_heads * m.head_dim * seq_len
+
+
+def sequence_parallel_problem(m: ModelConfig, n: int) -> str:
+    """'' when Ulysses can split this model's attention over n ranks (model/sequence_parallel.heads_problem)."""
+    from model.sequence_parallel import heads_problem
+
+    return heads_problem(m.n_heads, m.kv_heads, n)
+
+
+def sequence_parallel_buffer_bytes(m: ModelConfig, act_bytes: int, n: int) -> int:
+    """Bytes per local token of one block's all-to-all buffers under n-way Ulysses (model/transformer/model.py
+    CausalSelfAttention._sequence_parallel_attention), alive while that block's attention runs: DeepSpeed's
+    _SeqAllToAll makes a contiguous send copy and a receive buffer of q (H D), k and v (K' D each, K' = max(K, n)
+    after replication) and of the output (H D). Saved activations are unchanged per token: SDPA keeps the
+    all-to-all outputs instead of the local q, k, v (plus the replicated K/V heads, counted here)."""
+    if n <= 1:
+        return 0
+    kv = max(m.kv_heads, n) * m.head_dim
+    return act_bytes * (2 * (2 * m.d_model + 2 * kv) + 2 * (kv - m.kv_heads * m.head_dim))
+
+
+def sequence_parallel_traffic_bytes(m: ModelConfig, act_bytes: int, n: int) -> int:
+    """Bytes one token sends to other ranks in one training step (forward and backward, every block) under n-way
+    Ulysses: q, k, v and the output each cross once per direction, (n - 1)/n of them leave the rank."""
+    if n <= 1:
+        return 0
+    kv = max(m.kv_heads, n) * m.head_dim
+    return int(2 * m.n_layers * act_bytes * (2 * m.d_model + 2 * kv) * (n - 1) / n)

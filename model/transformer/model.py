@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from model.block_checkpointing import BlockCheckpointing
 from model.config import ModelConfig
 from model.losses import chunked_linear_cross_entropy, use_chunked_loss
+from model import sequence_parallel
 from model.partitioned_init import gathered_for_init
 from model.transformer.rotary import apply_rotary_fused
 from model.sampling import decode
@@ -132,9 +133,46 @@ class CausalSelfAttention(nn.Module):
         attn_mask = None
         if start > 0 and T > 1:
             attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)  # (T, start+T)
+        if kv_cache is None and sequence_parallel.is_active():
+            y = self._sequence_parallel_attention(q, k, v)  # (B, T, H, D): T local tokens, every head
+            return self.wo(y.reshape(B, T, C))  # (B, T, C)
         y = grouped_query_attention(q, k, v, is_causal=start == 0 and T > 1, attn_mask=attn_mask,
                                     dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+    def _sequence_parallel_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Ulysses: q (B, H, T/N, D), k, v (B, K, T/N, D) of this rank's shard -> attention output (B, T/N, H, D).
+
+        DeepSpeed's `DistributedAttention` (deepspeed/sequence/layer.py) does the two all-to-alls around a local
+        attention we pass in; ALST's `UlyssesSPAttentionHF` does the same but is bound to transformers' attention
+        signature (module.num_key_value_groups, position_ids in kwargs, a transformers version check), which this
+        model does not have. What DistributedAttention lacks, replicating key/value heads when there are fewer than
+        ranks (it asserts K >= N), is ALST's one line: repeat_interleave by N/K, so that query head h still meets kv
+        head h // (H/K) on the rank that holds it."""
+        n = sequence_parallel.world_size()
+        problem = sequence_parallel.heads_problem(self.n_heads, self.kv_heads, n)
+        if problem:
+            raise ValueError(f"{problem}: choose training.sequence_parallel dividing model.n_heads and "
+                             "model.n_kv_heads (or a multiple of n_kv_heads)")
+        if self.kv_heads < n:
+            k, v = k.repeat_interleave(n // self.kv_heads, dim=1), v.repeat_interleave(n // self.kv_heads, dim=1)
+        group = sequence_parallel.get_sequence_parallel_group()
+        if getattr(self, "_ulysses", None) is None or self._ulysses.spg is not group:
+            from deepspeed.sequence.layer import DistributedAttention
+
+            dropout = self.dropout
+
+            def local_attention(q: Tensor, k: Tensor, v: Tensor, training: bool) -> Tensor:
+                # (B, T, H/N, D) each, the whole sequence for this rank's heads -> (B, T, H/N, D)
+                y = grouped_query_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                            dropout_p=dropout if training else 0.0)
+                return y.transpose(1, 2)
+
+            # Not a submodule (no parameters; kept out of state_dict and module lists): a plain attribute.
+            object.__setattr__(self, "_ulysses", DistributedAttention(
+                local_attention, group, scatter_idx=2, gather_idx=1))
+        # batch_dim_idx=0: (B, T/N, heads, D) in, scattered over heads and gathered over the sequence.
+        return self._ulysses(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, None, self.training)
 
 
 class SwiGLU(nn.Module):
@@ -196,7 +234,8 @@ class Transformer(BlockCheckpointing, nn.Module):
     def _hidden(self, idx: Tensor, kv_cache: KVCache | None = None) -> Tensor:
         """Final-norm hidden states (B, T, C) of idx (B, T), positions continuing after kv_cache.pos."""
         B, T = idx.shape
-        start = kv_cache.pos if kv_cache is not None else 0
+        # Under sequence parallelism idx is this rank's shard: its tokens sit at global positions offset + t.
+        start = kv_cache.pos if kv_cache is not None else sequence_parallel.position_offset(T)
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len={self.config.max_seq_len}: "
                              "crop the input or raise max_seq_len")

@@ -95,12 +95,30 @@ def test_local_files_become_megatron_shards(tmp_path, small_tokenizer, kind):
     assert not list((tmp_path / "out").glob("*.tmp-*")) and not (tmp_path / "out" / "progress.json").exists()
 
 
-def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, small_tokenizer, monkeypatch):
-    documents = make_documents(150, seed=2, num_duplicates=5)
-    source = resolve_source(str(write_jsonl(tmp_path / "c.jsonl", documents)))
-    preprocess(source, options(tmp_path / "straight", small_tokenizer))
+NOT_TEXT = [None, 7, ["a list"], {"a": "dict"}]
+"""Row values that are not text: a null, a number, a list, an object."""
 
-    real = preprocess_module.iter_documents
+
+@pytest.mark.parametrize("not_text_every", [0, 13], ids=["text rows", "some rows not text"])
+def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, small_tokenizer, monkeypatch, not_text_every):
+    """Rows whose text is not a string are counted, and count as rows for the resume position: otherwise the
+    resumed run skips (or repeats) as many documents as there were such rows before the interruption. With such
+    rows, no duplicates and dedup off: dedup would hide documents read twice."""
+    documents = make_documents(150, seed=2, num_duplicates=0 if not_text_every else 5)
+    settings = {"dedup": False} if not_text_every else {}
+    rows: list = list(documents)
+    if not_text_every:
+        for i, value in enumerate(range(not_text_every, len(rows), not_text_every)):
+            rows.insert(value, NOT_TEXT[i % len(NOT_TEXT)])
+    write_jsonl(tmp_path / "c.jsonl", rows)
+    source = resolve_source(str(tmp_path / "c.jsonl"))
+    meta = preprocess(source, options(tmp_path / "straight", small_tokenizer, **settings))
+    assert meta["num_rows_not_text"] == len(rows) - len(documents)
+    train, val = expected_split(documents, small_tokenizer)  # the oracle sees only the text rows
+    _, got_train, got_val = read_shard_set(tmp_path / "straight")
+    assert got_train == train and got_val == val
+
+    real = preprocess_module.iter_rows
 
     def dies_after_100(source, *, skip=0):
         for count, text in enumerate(real(source, skip=skip)):
@@ -108,9 +126,9 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, small_tokenizer, mo
                 raise KeyboardInterrupt("simulated Ctrl+C")
             yield text
 
-    monkeypatch.setattr(preprocess_module, "iter_documents", dies_after_100)
+    monkeypatch.setattr(preprocess_module, "iter_rows", dies_after_100)
     with pytest.raises(KeyboardInterrupt):
-        preprocess(source, options(tmp_path / "resumed", small_tokenizer))
+        preprocess(source, options(tmp_path / "resumed", small_tokenizer, **settings))
     assert not (tmp_path / "resumed").exists()  # published under its name only when complete
     folder = tmp_path / ".resumed.partial"  # data/output.py's staging folder, kept for the resume
     assert not (folder / "meta.json").exists() and (folder / "progress.json").exists()
@@ -123,8 +141,8 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, small_tokenizer, mo
     (folder / "train_00042.bin.tmp-1-abc").write_bytes(b"junk")
     (folder / "val_00099.idx").write_bytes(b"junk")
 
-    monkeypatch.setattr(preprocess_module, "iter_documents", real)
-    preprocess(source, options(tmp_path / "resumed", small_tokenizer))
+    monkeypatch.setattr(preprocess_module, "iter_rows", real)
+    preprocess(source, options(tmp_path / "resumed", small_tokenizer, **settings))
     assert not folder.exists()
     folder = tmp_path / "resumed"
     straight_files = sorted(p.name for p in (tmp_path / "straight").iterdir())
@@ -181,7 +199,7 @@ def test_an_in_place_interrupted_run_of_an_earlier_version_resumes(tmp_path, sma
     (the folder holds only a shard set's files), to the bytes of an uninterrupted run."""
     source = resolve_source(str(write_jsonl(tmp_path / "c.jsonl", make_documents(150, seed=3))))
     preprocess(source, options(tmp_path / "straight", small_tokenizer))
-    real = preprocess_module.iter_documents
+    real = preprocess_module.iter_rows
 
     def dies_after_100(source, *, skip=0):
         for count, text in enumerate(real(source, skip=skip)):
@@ -189,11 +207,11 @@ def test_an_in_place_interrupted_run_of_an_earlier_version_resumes(tmp_path, sma
                 raise KeyboardInterrupt("simulated Ctrl+C")
             yield text
 
-    monkeypatch.setattr(preprocess_module, "iter_documents", dies_after_100)
+    monkeypatch.setattr(preprocess_module, "iter_rows", dies_after_100)
     with pytest.raises(KeyboardInterrupt):
         preprocess(source, options(tmp_path / "old", small_tokenizer))
     (tmp_path / ".old.partial").rename(tmp_path / "old")  # where an earlier version kept it
-    monkeypatch.setattr(preprocess_module, "iter_documents", real)
+    monkeypatch.setattr(preprocess_module, "iter_rows", real)
     preprocess(source, options(tmp_path / "old", small_tokenizer))
     assert snapshot_shards(tmp_path / "old") == snapshot_shards(tmp_path / "straight")
     assert not (tmp_path / ".old.partial").exists()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.checkpoint.manager import CheckpointManager, atomic_torch_save
+from engine.checkpoint.manager import CheckpointManager
 from engine.checkpoint.commit import MANIFEST, damage_of
 from engine.errors import CheckpointError
 
@@ -48,8 +48,10 @@ def committed_run(tmp_path: Path) -> tuple[CheckpointManager, Path]:
     return manager, tmp_path / "ckpt"
 
 
-@pytest.mark.parametrize("code, hint", [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "read-only"),
-                                        (errno.EACCES, "permission denied")])
+# A full disk is tested with the kernel's own error in test_storage_errors.py (torch reports it as RuntimeError, which
+# a fake OSError here never showed). These two cannot be made real on the test machines (tests run as root, which
+# ignores permissions; a read-only mount needs privileges), so they stay simulated: they test the wording only.
+@pytest.mark.parametrize("code, hint", [(errno.EROFS, "read-only"), (errno.EACCES, "permission denied")])
 def test_a_failing_save_says_why_and_loses_nothing(tmp_path, code, hint):
     manager, root = committed_run(tmp_path)
     before = snapshot(root)
@@ -97,18 +99,3 @@ def test_checkpoint_dir_that_is_a_file_or_an_earlier_run(tmp_path):
         CheckpointManager(root, keep_last=3, run_record={}).prepare(resume=False)
     assert "checkpoint_step_2" in str(raised.value) and "training.resume=true" in str(raised.value)
     assert snapshot(root) == before
-
-
-def test_atomic_export_leaves_no_partial_file(tmp_path, monkeypatch):
-    target = tmp_path / "final_model.pt"
-    atomic_torch_save({"a": torch.ones(3)}, target)
-    before = target.read_bytes()
-
-    def failing_save(obj, path):
-        Path(path).write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
-
-    monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError):
-        atomic_torch_save({"a": torch.zeros(3)}, target)
-    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["final_model.pt"]

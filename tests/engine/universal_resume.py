@@ -27,7 +27,8 @@ class Stop(Exception):
     """Ends a 'first' run right after its checkpoint at SAVE_AT, as a preemption would."""
 
 
-def make_recording_trainer(run_dir: Path, data_cache: str, stage: int, *, stop_after_save: bool):
+def make_recording_trainer(run_dir: Path, data_cache: str, stage: int, *, stop_after_save: bool,
+                           optimizer: str = "adamw"):
     from engine.trainer import Trainer
     from launcher.config import build_run_config
     from launcher.ds_config import build_ds_config
@@ -55,7 +56,7 @@ def make_recording_trainer(run_dir: Path, data_cache: str, stage: int, *, stop_a
         "training.weight_decay=1.0",
         f"training.save_interval={SAVE_AT}", f"training.eval_interval={STEPS}", "training.eval_batches=1",
         "training.sample_tokens=0", f"training.checkpoint_dir={run_dir / 'ckpt'}",
-        f"training.output_dir={run_dir / 'out'}", f"data.cache_dir={data_cache}"])
+        f"training.output_dir={run_dir / 'out'}", f"data.cache_dir={data_cache}", f"training.optimizer={optimizer}"])
     plan = choose_plan(run.model, run.training, world_size)
     ds_config = build_ds_config(run, plan)
     record = {"run_config": json.loads(run.model_dump_json()), "ds_config": ds_config, "version": {"git": "test"}}
@@ -64,13 +65,13 @@ def make_recording_trainer(run_dir: Path, data_cache: str, stage: int, *, stop_a
                      local_rank=int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def run(role: str, data_cache: str, run_dir: Path, stage: int) -> Path:
+def run(role: str, data_cache: str, run_dir: Path, stage: int, optimizer: str = "adamw") -> Path:
     """role 'straight' (all STEPS), 'first' (stops after SAVE_AT) or 'resume'; rank 0 writes
     RUN_DIR/<role>_ws<N>.pt with {'losses': {step: loss}, 'weights': fp32 state dict, 'start_step'}."""
     from engine import distributed
     from engine.checkpoint.manager import gather_fp32_state_dict
 
-    trainer = make_recording_trainer(run_dir, data_cache, stage, stop_after_save=role == "first")
+    trainer = make_recording_trainer(run_dir, data_cache, stage, stop_after_save=role == "first", optimizer=optimizer)
     trainer.losses = {}
     trainer.setup()
     start_step = trainer.step
@@ -92,9 +93,9 @@ def main() -> None:
 
     data_cache, out = sys.argv[1], Path(sys.argv[2])
     init_distributed()
-    for job in sys.argv[3:]:  # ROLE:STAGE:RUN_SUBDIR
-        role, stage, subdir = job.split(":")
-        run(role, data_cache, out / subdir, int(stage))
+    for job in sys.argv[3:]:  # ROLE:STAGE:RUN_SUBDIR[:OPTIMIZER]
+        role, stage, subdir, *optimizer = job.split(":")
+        run(role, data_cache, out / subdir, int(stage), *optimizer)
     teardown_distributed()
 
 

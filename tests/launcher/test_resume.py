@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from engine.errors import CheckpointError
+from engine.errors import START_OVER, CheckpointError
 from launcher.config import ConfigError, build_run_config
 from launcher.planning.hardware import UNLIMITED
 from launcher.resume import find_resume_point, pin_to_checkpoint, plan_resumed_run, split_global_batch
@@ -54,7 +54,7 @@ def test_keys_that_change_the_training_are_refused_and_all_named(tmp_path):
         pin_to_checkpoint(run, find_resume_point(run))
     message = str(raised.value)
     for key in ("model.d_model: 64 in the checkpoint, 128 now", "training.seed: 42 in the checkpoint, 7 now",
-                "training.bf16: False in the checkpoint, True now", "training.resume=false"):
+                "training.bf16: False in the checkpoint, True now", "set training.checkpoint_dir to a new folder"):
         assert key in message
     assert "eval_interval" not in message and "max_steps" not in message
 
@@ -119,6 +119,24 @@ def test_split_takes_the_largest_micro_batch_that_fits_and_divides():
     assert split_global_batch(24, 2, largest_micro_batch=64, batch_size=None, gradient_accumulation_steps=6) == (2, 6)
 
 
+def test_the_advice_to_start_over_works(tmp_path):
+    """The refusal's advice is followed here: a new checkpoint_dir starts afresh. What it advised before
+    (training.resume=false on the same folder) is the next refusal: the folder holds an earlier run."""
+    from engine.checkpoint.manager import CheckpointManager
+
+    fake_checkpoint(tmp_path)
+    changed = run_config(tmp_path, "model.d_model=128")
+    with pytest.raises(ConfigError) as raised:
+        pin_to_checkpoint(changed, find_resume_point(changed))
+    message = str(raised.value)
+    assert "\n" not in message and START_OVER in message
+    with pytest.raises(CheckpointError, match="holds checkpoints of an earlier run"):  # the old advice
+        CheckpointManager(tmp_path / "ckpt", keep_last=1, run_record={}).prepare(resume=False)
+    followed = run_config(tmp_path, "model.d_model=128", f"training.checkpoint_dir={tmp_path / 'new'}")
+    assert find_resume_point(followed) is None  # plans afresh
+    CheckpointManager(followed.training.checkpoint_dir, keep_last=1, run_record={}).prepare(resume=True)
+
+
 def test_resume_false_and_no_checkpoint_plan_afresh(tmp_path):
     assert find_resume_point(run_config(tmp_path)) is None
     fake_checkpoint(tmp_path)
@@ -128,7 +146,7 @@ def test_resume_false_and_no_checkpoint_plan_afresh(tmp_path):
 def test_an_unreadable_run_config_is_a_checkpoint_error(tmp_path):
     folder = fake_checkpoint(tmp_path)
     (folder / "run_config.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="training.resume=false"):
+    with pytest.raises(CheckpointError, match="set training.checkpoint_dir to a new folder to start over"):
         find_resume_point(run_config(tmp_path))
 
 

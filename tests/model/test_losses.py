@@ -43,6 +43,27 @@ def test_chunked_matches_reference_in_float32_and_without_grad():
         torch.testing.assert_close(chunked_linear_cross_entropy(*case, chunk_tokens=8), expected[0])
 
 
+def _softmax_calls(fn) -> int:
+    """How many softmaxes `fn` runs (the loss itself uses log-softmax; only the gradient takes a softmax)."""
+    with torch.autograd.profiler.profile() as prof:
+        fn()
+    return sum(1 for event in prof.function_events if event.name == "aten::softmax")
+
+
+def test_no_gradient_work_under_no_grad():
+    """Evaluation runs under torch.no_grad() with weights that still require grad: no backward will come, so no
+    gradient may be computed (one softmax per chunk is that work; the reference shows the loss needs none)."""
+    hidden, weight, targets = _case(torch.float32)
+    hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
+    chunks = -(-targets.numel() // 16)
+    assert _softmax_calls(lambda: chunked_linear_cross_entropy(hidden, weight, targets, chunk_tokens=16)) == chunks
+    with torch.no_grad():
+        assert _softmax_calls(lambda: chunked_linear_cross_entropy(hidden, weight, targets, chunk_tokens=16)) == 0
+        loss = chunked_linear_cross_entropy(hidden, weight, targets, chunk_tokens=16)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, linear_cross_entropy_ref(hidden, weight, targets).detach())
+
+
 def test_chunked_bf16_close_to_fp32_reference():
     hidden, weight, targets = _case(torch.bfloat16)
     expected = _loss_and_grads(linear_cross_entropy_ref, hidden.float(), weight.float(), targets)
