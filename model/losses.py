@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 DEFAULT_CHUNK_TOKENS = 2048
 """Rows of logits alive at once: at V = 32000 a chunk's fp32 logits are 256 MiB, while each chunk's matmul
@@ -115,3 +115,16 @@ def loss_peak_bytes(*, vocab_size: int, d_model: int, act_bytes: int, tokens: in
     rows = min(chunk_tokens, tokens)
     return (rows * vocab_size * (2 * act_bytes + 8) + vocab_size * d_model * (4 + act_bytes)
             + tokens * d_model * act_bytes)
+
+
+def lm_head_and_loss(hidden: Tensor, lm_head: nn.Linear, targets: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """Logits (B, T, V) of the final hidden states (B, T, C) and, with targets (B, T), the mean cross-entropy.
+    On CUDA with targets the loss is chunked and the logits, never built whole, are None (`use_chunked_loss`)."""
+    if targets is not None and use_chunked_loss(lm_head.weight):
+        return None, chunked_linear_cross_entropy(hidden, lm_head.weight, targets)
+    logits = lm_head(hidden)  # (B, T, V)
+    loss = None
+    if targets is not None:
+        # fp32 loss: a bf16 log-softmax over 32k classes loses ~2 digits of the loss.
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+    return logits, loss

@@ -14,12 +14,10 @@ transformers itself is not imported here.
 """
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from torch import Tensor
-
 from model.config import ModelConfig
+from model.hf_names import LayerNameMap
 from model.hybrid.config import attention_layers
 
 HF_ARCHITECTURE = "BambaForCausalLM"
@@ -36,30 +34,11 @@ _MAMBA_NAMES = ["in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_
 _BLOCK_NAMES += [(f"mamba.{name}", f"mamba.{name}") for name in _MAMBA_NAMES]
 _MODEL_NAMES = [("tok_embeddings.weight", "model.embed_tokens.weight"), ("norm.weight", "model.final_layernorm.weight"),
                 ("lm_head.weight", "lm_head.weight")]
-_OURS_BLOCK = re.compile(r"^layers\.(\d+)\.(.+)$")
-_HF_BLOCK = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-
-
-def to_transformers_name(name: str) -> str:
-    """Our parameter name -> BambaForCausalLM's."""
-    if m := _OURS_BLOCK.match(name):
-        return f"model.layers.{m.group(1)}.{dict(_BLOCK_NAMES)[m.group(2)]}"
-    return dict(_MODEL_NAMES)[name]
-
-
-def from_transformers_name(name: str) -> str:
-    """BambaForCausalLM's parameter name -> ours (KeyError for a name our hybrid has no place for)."""
-    if m := _HF_BLOCK.match(name):
-        return f"layers.{m.group(1)}.{dict((hf, ours) for ours, hf in _BLOCK_NAMES)[m.group(2)]}"
-    return dict((hf, ours) for ours, hf in _MODEL_NAMES)[name]
-
-
-def to_transformers_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {to_transformers_name(k): v for k, v in state_dict.items()}
-
-
-def from_transformers_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {from_transformers_name(k): v for k, v in state_dict.items()}
+NAMES = LayerNameMap(block=_BLOCK_NAMES, model=_MODEL_NAMES)
+to_transformers_name = NAMES.to_hf
+from_transformers_name = NAMES.from_hf
+to_transformers_state_dict = NAMES.to_hf_state_dict
+from_transformers_state_dict = NAMES.from_hf_state_dict
 
 
 def transformers_config_kwargs(config: ModelConfig) -> dict[str, Any]:

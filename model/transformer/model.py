@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from model.block_checkpointing import BlockCheckpointing
 from model.config import ModelConfig
-from model.losses import chunked_linear_cross_entropy, use_chunked_loss
+from model.losses import lm_head_and_loss
 from model import sequence_parallel
 from model.partitioned_init import gathered_for_init
 from model.transformer.rotary import apply_rotary_fused
@@ -253,15 +253,7 @@ class Transformer(BlockCheckpointing, nn.Module):
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, V) for idx (B, T); with targets (B, T), also the mean cross-entropy over all positions.
         On CUDA with targets the loss is chunked (model/losses.py) and the logits, never built whole, are None."""
-        hidden = self._hidden(idx)  # (B, T, C)
-        if targets is not None and use_chunked_loss(self.lm_head.weight):
-            return None, chunked_linear_cross_entropy(hidden, self.lm_head.weight, targets)
-        logits = self.lm_head(hidden)  # (B, T, V)
-        loss = None
-        if targets is not None:
-            # fp32 loss: a bf16 log-softmax over 32k classes loses ~2 digits of the loss.
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        return lm_head_and_loss(self._hidden(idx), self.lm_head, targets)  # hidden (B, T, C)
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
