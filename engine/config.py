@@ -113,6 +113,11 @@ class TrainingConfig(BaseModel):
     """Split every sequence over this many ranks (DeepSpeed Ulysses; model/sequence_parallel.py): 1 = off, N must
     divide the ranks, the attention/Mamba head counts and model.max_seq_len; 'auto' = the smallest N the memory plan
     needs for model.max_seq_len to fit, when that is faster than recomputing blocks or offloading."""
+    tiled_mlp: bool | int = False
+    """Run each SwiGLU MLP in sequence tiles, recomputed in backward (ALST's TiledMLP; model/tiling.py): it then
+    saves only its input instead of four ffn-wide tensors per token. N = tiles, true = ceil(seq_len / d_model)."""
+    tiled_loss: bool = False
+    """The chunked output projection + cross-entropy (model/losses.py) also on CPU; on CUDA it always runs."""
     compile_blocks: bool = False
     """torch.compile each model block (model/compile.py): faster on GPU after a one-off compile; off on CPU."""
     eval_interval: int = 1000
@@ -186,6 +191,9 @@ class TrainingConfig(BaseModel):
                                                  or self.sequence_parallel < 1):
             problems.append(f"training.sequence_parallel must be a rank count >= 1 or auto, got "
                             f"{self.sequence_parallel!r}")
+        if not isinstance(self.tiled_mlp, bool) and self.tiled_mlp < 1:
+            problems.append(f"training.tiled_mlp must be false, true (auto) or a number of tiles >= 1, got "
+                            f"{self.tiled_mlp}")
         if self.learning_rate <= 0:
             problems.append(f"training.learning_rate must be > 0, got {self.learning_rate}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

@@ -34,6 +34,7 @@ from engine.param_groups import param_groups  # noqa: F401
 from engine.schedule import warmup_cosine_scheduler
 from engine.model_setup import build_model
 from model import ModelConfig, create_model, sequence_parallel
+from model.tiling import configure_tiling
 from model.losses import IGNORE_INDEX
 from model.registry import family_costs
 
@@ -110,6 +111,7 @@ class Trainer:
                             compiled=self.training.compile_blocks, mpu=mpu)
         # The launcher resolves 'auto' to the plan's count; a Trainer built directly with 'auto' recomputes nothing.
         model.num_checkpointed_blocks = self.training.checkpointed_blocks(self.model_config.n_layers) or 0
+        configure_tiling(model, tiled_mlp=self.training.tiled_mlp, tiled_loss=self.training.tiled_loss)
         if self.training.init_from and not (self.training.resume and latest_tag(self.training.checkpoint_dir)):
             load_initial_weights(model, self.training.init_from, self.model_config)
             if distributed.is_main_process():

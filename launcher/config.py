@@ -77,6 +77,9 @@ class RunConfig(BaseModel):
         if not isinstance(blocks, bool) and isinstance(blocks, int) and blocks > self.model.n_layers:
             raise ValueError(f"training.activation_checkpointing={blocks} is more blocks than the model has: give 0 "
                              f"to {self.model.n_layers} (model.n_layers), true for every block, or auto")
+        if self.training.tiled_mlp is not False and self.model_type == "mamba":
+            raise ValueError("training.tiled_mlp tiles the SwiGLU MLP, which Mamba models have none of: set "
+                             "training.tiled_mlp=false (transformer and hybrid models have one)")
         return self
 
 

@@ -119,8 +119,11 @@ def loss_peak_bytes(*, vocab_size: int, d_model: int, act_bytes: int, tokens: in
 
 def lm_head_and_loss(hidden: Tensor, lm_head: nn.Linear, targets: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     """Logits (B, T, V) of the final hidden states (B, T, C) and, with targets (B, T), the mean cross-entropy.
-    On CUDA with targets the loss is chunked and the logits, never built whole, are None (`use_chunked_loss`)."""
-    if targets is not None and use_chunked_loss(lm_head.weight):
+    On CUDA with targets the loss is chunked and the logits, never built whole, are None (`use_chunked_loss`); on CPU
+    too when the trainer set `lm_head.tiled_loss` (training.tiled_loss, model/tiling.py), except under ZeRO-3."""
+    chunked = use_chunked_loss(lm_head.weight) or (getattr(lm_head, "tiled_loss", False)
+                                                   and not hasattr(lm_head.weight, "ds_id"))
+    if targets is not None and chunked:
         return None, chunked_linear_cross_entropy(hidden, lm_head.weight, targets)
     logits = lm_head(hidden)  # (B, T, V)
     loss = None

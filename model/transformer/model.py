@@ -22,6 +22,7 @@ from model.config import ModelConfig
 from model.losses import lm_head_and_loss
 from model import sequence_parallel
 from model.partitioned_init import gathered_for_init
+from model.tiling import mlp_tiles, tiled_swiglu
 from model.transformer.rotary import apply_rotary_fused
 from model.sampling import decode
 
@@ -183,8 +184,16 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(config.d_model, config.ffn_dim, bias=False)  # gate
         self.w3 = nn.Linear(config.d_model, config.ffn_dim, bias=False)  # up
         self.w2 = nn.Linear(config.ffn_dim, config.d_model, bias=False)  # down
+        # Sequence tiles (model/tiling.py; training.tiled_mlp): False = untiled, N tiles, True = ceil(T / d_model).
+        self.tiled: bool | int = False
 
     def forward(self, x: Tensor) -> Tensor:
+        tiles = mlp_tiles(self.tiled, x.size(-2), x.size(-1))
+        if tiles > 1:
+            return tiled_swiglu(self, x, tiles)  # (B, T, C), hidden (B, T / tiles, ffn_dim) per tile
+        return self.untiled(x)
+
+    def untiled(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, C), hidden (B, T, ffn_dim)
 
 
