@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from model.config import ModelConfig
+from model.tiling import mlp_tiles
 from launcher.planning import model_sizes
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -130,6 +131,10 @@ class Layout:
     """Mamba: mamba-ssm's fused kernels run (CUDA with mamba-ssm installed); False = the PyTorch reference ops."""
     on_cuda: bool = True
     """Ranks run on CUDA GPUs (FlashAttention, fused RMSNorm, a CUDA context); False = CPU ranks in host RAM."""
+    tiled_mlp: bool | int = False
+    """training.tiled_mlp (model/tiling.py): the MLPs run in sequence tiles and save only their inputs."""
+    tiled_loss: bool = False
+    """training.tiled_loss: the chunked loss also on CPU (on CUDA it always runs, outside ZeRO-3)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -380,6 +385,14 @@ def activation_bytes(model: ModelConfig, layout: Layout) -> int:
     per_layer = model_sizes.activation_bytes_per_layer(
         model, ab, seq_len=layout.seq_len, on_cuda=layout.on_cuda,
         fused_ssm_kernels=layout.fused_ssm_kernels and layout.sequence_parallel == 1)
+    # Tiled MLPs (model/transformer/costs.py tiled_mlp_saved_bytes): every block saves 4 ffn x bytes per token
+    # less, and one tile's recomputation plus its input gradient live while a block runs backward.
+    tiles = mlp_tiles(layout.tiled_mlp, layout.seq_len // layout.sequence_parallel, model.d_model)
+    tiled_workspace = 0
+    if tiles > 1:
+        tile_tokens = layout.micro_batch * -(-(layout.seq_len // layout.sequence_parallel) // tiles)
+        saved, tiled_workspace = model_sizes.tiled_mlp_bytes(model, ab, tokens=tokens, tile_tokens=tile_tokens)
+        per_layer = [b - saved for b in per_layer]
     checkpointed = layout.num_checkpointed_blocks
     if checkpointed > model.n_layers:
         raise ValueError(f"{checkpointed} checkpointed blocks, but the model has {model.n_layers} (model.n_layers)")
@@ -388,7 +401,7 @@ def activation_bytes(model: ModelConfig, layout: Layout) -> int:
     if checkpointed:
         kept = max(kept, (checkpointed - 1) * block_input + per_layer[checkpointed - 1])  # block N - 1 recomputed
     head = model_sizes.head_activation_bytes(model, ab, on_cuda=layout.on_cuda)
-    return tokens * (kept + BACKWARD_WORKSPACE_LAYERS * max(per_layer) + head)
+    return tokens * (kept + BACKWARD_WORKSPACE_LAYERS * max(per_layer) + head) + tiled_workspace
 
 
 def estimate_memory(model: ModelConfig, layout: Layout) -> MemoryEstimate:
@@ -406,9 +419,10 @@ def estimate_memory(model: ModelConfig, layout: Layout) -> MemoryEstimate:
     comm += local_tokens * model_sizes.sequence_parallel_buffer_bytes(model, DTYPE_BYTES[layout.precision],
                                                                       layout.sequence_parallel)
     acts = activation_bytes(model, layout)
-    # model/losses.py: the chunked loss runs on CUDA except under ZeRO-3 (use_chunked_loss).
+    # model/losses.py: the chunked loss runs on CUDA (on CPU with training.tiled_loss) except under ZeRO-3.
     logits = model_sizes.logits_bytes(model, DTYPE_BYTES[layout.precision],
-                                      tokens=local_tokens, chunked=layout.on_cuda and not zero3)
+                                      tokens=local_tokens,
+                                      chunked=(layout.on_cuda or layout.tiled_loss) and not zero3)
     optimizer = states.master_weights + states.optimizer_states
     backward = dict(parameters=states.weights + states.persistent_weights + states.gathered_weights,
                     gradients=states.backward_gradients + states.gathered_gradients, optimizer_states=optimizer,

@@ -101,6 +101,16 @@ def head_activation_bytes(m: ModelConfig, act_bytes: int, *, on_cuda: bool = Tru
     return family_costs(m.model_type).head_activation_bytes(m, act_bytes, on_cuda=on_cuda)
 
 
+def tiled_mlp_bytes(m: ModelConfig, act_bytes: int, *, tokens: int, tile_tokens: int) -> tuple[int, int]:
+    """(bytes per token each block no longer saves, backward workspace) of tiling the MLP (model/tiling.py); (0, 0)
+    for a family without an MLP."""
+    costs = family_costs(m.model_type)
+    if not hasattr(costs, "tiled_mlp_saved_bytes"):
+        return 0, 0
+    return (costs.tiled_mlp_saved_bytes(m, act_bytes),
+            costs.tiled_mlp_workspace_bytes(m, act_bytes, tokens=tokens, tile_tokens=tile_tokens))
+
+
 def logits_bytes(m: ModelConfig, act_bytes: int, *, tokens: int, chunked: bool) -> int:
     """Peak bytes of the output layer and loss for one micro-batch of `tokens` tokens (model/losses.py):
     the chunked loss runs on CUDA outside ZeRO-3, the reference everywhere else."""

@@ -86,7 +86,8 @@ class Candidate:
     def label(self) -> str:
         offload = {"none": "", "optimizer": " +opt offload", "optimizer+params": " +opt+param offload"}[self.offload]
         sp = f" +SP{self.sequence_parallel}" if self.sequence_parallel > 1 else ""
-        return (f"ZeRO-{self.zero_stage}{offload}{sp}"
+        tiled = " +tiled mlp" if self.estimate.layout.tiled_mlp is not False else ""
+        return (f"ZeRO-{self.zero_stage}{offload}{sp}{tiled}"
                 f"{checkpointing_label(self.num_checkpointed_blocks, self.num_layers)}")
 
 
@@ -250,7 +251,8 @@ def evaluate_layouts(model: ModelConfig, training: TrainingConfig, world_size: i
                 micro_batch=micro, seq_len=model.max_seq_len, num_checkpointed_blocks=checkpointed,
                 optimizer=training.optimizer,
                 ranks_per_node=budget.ranks_per_node, on_cuda=budget.on_cuda,
-                fused_ssm_kernels=budget.fused_ssm_kernels, sequence_parallel=sequence_parallel))
+                fused_ssm_kernels=budget.fused_ssm_kernels, sequence_parallel=sequence_parallel,
+                tiled_mlp=training.tiled_mlp, tiled_loss=training.tiled_loss))
 
         # The micro-batch with every block checkpointed (the least memory), then the fewest blocks at it (rule 5).
         checkpointed = layers if blocks is None else blocks

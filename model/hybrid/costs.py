@@ -14,6 +14,8 @@ from model.config import ModelConfig
 from model.hybrid.config import ATTENTION, layer_kinds
 from model.mamba.costs import mamba2_mixer_saved_bytes, mamba_dims, scan_forward_flops_per_token
 from model.transformer.costs import INDEX_BYTES, rmsnorm_saved_bytes, transformer_layer_activation_bytes
+# Every hybrid layer (attention or Mamba) ends in the Transformer's SwiGLU, so its tiling costs are the same.
+from model.transformer.costs import tiled_mlp_saved_bytes, tiled_mlp_workspace_bytes  # noqa: F401
 
 
 def _attention_layer_bytes(m: ModelConfig, act_bytes: int, on_cuda: bool) -> int:

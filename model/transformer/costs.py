@@ -112,3 +112,18 @@ def sequence_parallel_traffic_bytes(m: ModelConfig, act_bytes: int, n: int) -> i
         return 0
     kv = max(m.kv_heads, n) * m.head_dim
     return int(2 * m.n_layers * act_bytes * (2 * m.d_model + 2 * kv) * (n - 1) / n)
+
+
+def tiled_mlp_saved_bytes(m: ModelConfig, act_bytes: int) -> int:
+    """Bytes per token a block's SwiGLU no longer saves when tiled (training.tiled_mlp, model/tiling.py): w1 x,
+    silu(w1 x), w3 x and their product, 4 ffn x bytes; it keeps its input, the norm's output counted above.
+    A tiled block saves (7d + 2 kv) x bytes + 4 (H + 2) per token with fused norms: 7.5 d bytes instead of 39.5 d
+    for LLaMA-2-7B in bf16."""
+    return 4 * m.ffn_dim * act_bytes
+
+
+def tiled_mlp_workspace_bytes(m: ModelConfig, act_bytes: int, *, tokens: int, tile_tokens: int) -> int:
+    """Bytes alive while one tiled MLP runs backward, for a micro-batch of `tokens` tokens (this rank's): one tile's
+    recomputed intermediates (4 ffn per tile token) and DeepSpeed TiledMLP's full-size input gradient (d per
+    token). Reasoned from deepspeed/runtime/sequence_parallel/ulysses_sp.py TiledMLP.backward, not measured."""
+    return act_bytes * (tile_tokens * 4 * m.ffn_dim + tokens * m.d_model)
