@@ -68,3 +68,17 @@ def test_mlp_tiles_rule():
     assert mlp_tiles(True, 4096, 2048) == 2  # ceil(T / d_model)
     assert mlp_tiles(True, 4097, 2048) == 3
     assert mlp_tiles(8, 4, 2048) == 4  # never more tiles than tokens
+
+
+@pytest.mark.parametrize("preset,value,needle", [
+    ("tiny", "0", "training.tiled_mlp must be false, true (auto) or a number of tiles >= 1"),
+    ("tiny_mamba", "true", "training.tiled_mlp tiles the SwiGLU MLP, which Mamba models have none of"),
+])
+def test_bad_tiled_mlp_values_are_refused(preset, value, needle):
+    from launcher.config import ConfigError, build_run_config
+
+    with pytest.raises((ConfigError, ValueError)) as error:
+        build_run_config(preset=preset, overrides=[f"training.tiled_mlp={value}"])
+    assert needle in str(error.value)
+    assert build_run_config(preset="tiny", overrides=["training.tiled_mlp=4"]).training.tiled_mlp == 4
+    assert build_run_config(preset="tiny", overrides=["training.tiled_mlp=true"]).training.tiled_mlp is True
