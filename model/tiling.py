@@ -33,11 +33,10 @@ def tiled_swiglu(mlp: nn.Module, x: Tensor, tiles: int) -> Tensor:
 
 
 def configure_tiling(model: nn.Module, *, tiled_mlp: bool | int = False, tiled_loss: bool = False) -> None:
-    """Set every SwiGLU's tiling and the output layer's loss choice (model/losses.py lm_head_and_loss)."""
-    from model.transformer.model import SwiGLU
-
+    """Set every SwiGLU's tiling and the output layer's loss choice (model/losses.py lm_head_and_loss). A SwiGLU
+    is found by its `untiled` method (model/transformer/model.py imports this module, so not by its class)."""
     for module in model.modules():
-        if isinstance(module, SwiGLU):
+        if callable(getattr(module, "untiled", None)):
             module.tiled = tiled_mlp
     lm_head = getattr(model, "lm_head", None)
     if lm_head is not None:
