@@ -285,8 +285,8 @@ def make_plan(run: RunConfig, args: argparse.Namespace, world_size: int, run_nam
     Under a launcher every rank plans: each measures its own GPU, and the process group (started here, the
     trainer reuses it) agrees on the smallest figures, so all ranks choose the same plan.
     """
-    from launcher.planning.hardware import (HardwareError, agree_across_ranks, detect_gpus, detect_gpus_in_subprocess,
-                                   memory_budget, parse_memory_size)
+    from launcher.planning.hardware import (HardwareError, agree_across_ranks, detect_gpus,
+                                            detect_gpus_in_subprocess, memory_budget, parse_memory_size)
     from engine.errors import CheckpointError
     from launcher.planning.plan import PlanError, choose_plan
     from launcher.resume import find_resume_point, plan_resumed_run

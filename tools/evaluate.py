@@ -34,7 +34,7 @@ from engine.errors import TrainingError  # noqa: E402
 from data.output import staged_output  # noqa: E402
 from engine.evaluation.report import check_report_paths, report_paths, write_report  # noqa: E402
 from engine.evaluation.scoring import (last_word_accuracy, model_logits_fn, score_texts,  # noqa: E402
-                               score_token_stream)
+                                       score_token_stream)
 from engine.evaluation.loss_curves import plot_loss_curves, read_scalar_curves  # noqa: E402
 from engine.checkpoint.loading import load_trained_model  # noqa: E402
 

@@ -25,7 +25,7 @@ if str(REPO_ROOT) not in sys.path:
 from engine.diagnostics.allreduce_bandwidth import run_all_reduce_benchmark  # noqa: E402
 from launcher.advice import plan_advice, render_advice  # noqa: E402
 from launcher.planning.hardware import (available_host_memory, detect_gpus, format_bytes, memory_budget,  # noqa: E402
-                               parse_memory_size)
+                                        parse_memory_size)
 
 GPU_COUNTS = (1, 2, 4, 8)
 SIZES = [1 << 20, 16 << 20, 128 << 20]

@@ -19,7 +19,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from data.corpora.catalog import (CHINCHILLA_TOKENS_PER_PARAM, MIXTURES, format_catalog,  # noqa: E402
-                          format_recommendation, parse_model_size, recommend)
+                                  format_recommendation, parse_model_size, recommend)
 from data.errors import DataError  # noqa: E402
 from tools.preprocess_data import add_preprocess_arguments, run_preprocess  # noqa: E402
 

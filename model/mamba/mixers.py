@@ -25,7 +25,7 @@ from model.config import ModelConfig
 from model.mamba.selective_scan import selective_scan
 from model.mamba.ssd_scan import mamba_split_conv1d_scan_combined, ssd_chunk_scan
 from model.mamba.ssm_ops import (causal_conv1d, causal_conv1d_update, conv_state_from_inputs, fused_kernel, rmsnorm_gated,
-                           selective_state_update, use_fused)
+                                 selective_state_update, use_fused)
 
 # Initial step sizes are log-uniform in [DT_MIN, DT_MAX], floored at DT_FLOOR (mamba-ssm defaults; Gu & Dao 2023,
 # section 3.6 and Appendix: dt in [0.001, 0.1]).

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model.mamba.ssm_ops import (causal_conv1d, causal_conv1d_ref, fused_kernel, rmsnorm_gated, rmsnorm_gated_ref, upcast,
-                           use_fused)
+                                 use_fused)
 
 _NO_LIMIT = (0.0, float("inf"))
 

@@ -5,7 +5,7 @@ import pytest
 
 from data.errors import DataError
 from data.corpora.eval_sets import (eval_set_path, fetch_eval_set, lambada_split, read_eval_set, wikitext_articles,
-                            write_eval_set)
+                                    write_eval_set)
 
 
 def test_wikitext_rows_become_articles_at_top_level_headings():

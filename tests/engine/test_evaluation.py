@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from engine.evaluation.scoring import (TextScore, document_bytes, last_word_accuracy, model_logits_fn, score_texts,
-                               score_token_stream, stream_nll)
+                                       score_token_stream, stream_nll)
 
 V = 11
 

@@ -11,7 +11,7 @@ import torch
 from launcher.planning import model_sizes
 from launcher.config import build_run_config
 from launcher.planning.memory import (DTYPE_BYTES, STAGE3_PARAM_PERSISTENCE_THRESHOLD, SUB_GROUP_SIZE, Layout,
-                             activation_bytes, estimate_memory, model_state_bytes)
+                                      activation_bytes, estimate_memory, model_state_bytes)
 from launcher.presets import PRESETS
 from model import ModelConfig, create_model
 from tests.conftest import run_two_ranks, wait_for_build_locks

@@ -6,7 +6,7 @@ import pytest
 
 from launcher.config import build_run_config
 from launcher.planning.hardware import (GIB, UNLIMITED, GpuInfo, HardwareError, MemoryBudget, detect_gpus, memory_budget,
-                               parse_memory_size)
+                                        parse_memory_size)
 from launcher.planning import plan as plan_module
 from launcher.planning.memory import Layout, estimate_memory
 from launcher.planning.plan import MAX_MICRO_BATCH, SAFETY_MARGIN, Plan, PlanError, choose_plan, evaluate_layouts

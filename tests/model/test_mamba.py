@@ -21,11 +21,11 @@ from model.mamba.hf import from_transformers_state_dict, to_transformers_state_d
 from model.mamba.model import MambaLM
 from model.mamba.selective_scan import selective_scan_fused, selective_scan_ref, selective_scan_stepwise_ref
 from model.mamba.ssd_scan import (mamba_split_conv1d_scan_combined_fused, mamba_split_conv1d_scan_combined_ref,
-                            ssd_chunk_scan_fused, ssd_chunk_scan_ref, ssd_scan_stepwise_ref)
+                                  ssd_chunk_scan_fused, ssd_chunk_scan_ref, ssd_scan_stepwise_ref)
 from model.mamba import selective_scan as selective_scan_module, ssm_ops
 from model.mamba.ssm_ops import (causal_conv1d_fused, causal_conv1d_ref, fused_kernel, fused_ops_report, fused_ops_status,
-                           reference_ops, rmsnorm_gated_fused, rmsnorm_gated_ref, selective_state_update_fused,
-                           selective_state_update_ref)
+                                 reference_ops, rmsnorm_gated_fused, rmsnorm_gated_ref, selective_state_update_fused,
+                                 selective_state_update_ref)
 from tests.model.overfit import overfit_fixed_batch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ import torch
 import model.block_checkpointing as block_checkpointing
 from model import ModelConfig, create_model
 from model.transformer.model import (CausalSelfAttention, KVCache, Transformer, grouped_query_attention,
-                               reference_attention)
+                                     reference_attention)
 from tests.model.overfit import overfit_fixed_batch
 
 

@@ -37,7 +37,7 @@ from model import ModelConfig, create_model  # noqa: E402
 from model.mamba.mixers import inverse_softplus_dt  # noqa: E402
 from model.mamba.selective_scan import selective_scan_fused, selective_scan_ref, selective_scan_stepwise_ref  # noqa: E402
 from model.mamba.ssd_scan import (mamba_split_conv1d_scan_combined_fused, mamba_split_conv1d_scan_combined_ref,  # noqa: E402
-                            ssd_chunk_scan_fused, ssd_chunk_scan_ref, ssd_scan_stepwise_ref)
+                                  ssd_chunk_scan_fused, ssd_chunk_scan_ref, ssd_scan_stepwise_ref)
 from model.mamba.ssm_ops import flush_denormals, fused_ops_status, reference_ops  # noqa: E402
 
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core FLOP/s of an H100/H200 SXM (NVIDIA H100 datasheet)
