@@ -159,20 +159,6 @@ def split_global_batch(global_batch: int, world_size: int, *, largest_micro_batc
     return micro, per_rank // micro
 
 
-def check_muon_world_size(point: ResumePoint, world_size: int) -> None:
-    """A Muon checkpoint with ZeRO partitions resumes only on the rank count that saved it: DeepSpeed 0.19.8's
-    universal converter reads Adam's states only (checkpoint/ds_to_universal.py `extract_zero_shards` takes
-    `exp_avg` and `exp_avg_sq` of every group: KeyError on Muon's `momentum_buffer`), and ZeRO-1/2 keep Muon's
-    momentum for whole tensors, not the partition slices it maps. Refused here, before any rank starts."""
-    from engine.checkpoint.universal import saved_world_size
-
-    saved = saved_world_size(point.folder)
-    if point.run_config["training"].get("optimizer") == "muon" and saved is not None and saved != world_size:
-        raise ConfigError(f"{point.folder} was saved by {saved} ranks with training.optimizer=muon; DeepSpeed 0.19.8 "
-                          f"cannot convert Muon's momentum to another rank count ({world_size} now): resume with "
-                          f"{saved} ranks (--num_gpus {saved}), or start a new run (training.resume=false)")
-
-
 def plan_resumed_run(run: RunConfig, point: ResumePoint, world_size: int, budget, *, report: bool = True):
     """The plan for resuming from `point`: the checkpoint's ZeRO layout and global batch, its split over
     `world_size` ranks chosen for memory. Prints the harmless differences (when `report`)."""
@@ -180,7 +166,6 @@ def plan_resumed_run(run: RunConfig, point: ResumePoint, world_size: int, budget
 
     from launcher.planning.plan import choose_plan
 
-    check_muon_world_size(point, world_size)
     pinned, warnings = pin_to_checkpoint(run, point)
     if report:
         for line in warnings:

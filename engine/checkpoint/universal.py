@@ -21,7 +21,8 @@ from pathlib import Path
 
 from data.output import leftovers, remove, staged_output
 from engine.errors import CheckpointError
-from engine.checkpoint.safe_load import convert_to_universal, load_deepspeed_checkpoint
+from engine.checkpoint import muon_universal
+from engine.checkpoint.safe_load import convert_to_universal, load_deepspeed_checkpoint, load_weights_file
 
 UNIVERSAL_SUBDIR = "universal"
 """The converted copy lives inside the checkpoint it came from, so pruning that checkpoint removes it too."""
@@ -64,9 +65,6 @@ def ensure_universal(folder: str | Path) -> Path:
     if saved_world_size(folder) is None:
         raise CheckpointError(f"{folder} holds no ZeRO optimizer partitions (*_optim_states.pt): only ZeRO-1/2/3 "
                               "checkpoints need (and can take) the universal format; ZeRO-0 loads at any world size")
-    if _saved_optimizer(folder) == "muon":  # launcher/resume.py refuses this before the ranks start
-        raise CheckpointError(f"{folder} holds Muon states, which DeepSpeed 0.19.8's universal converter cannot "
-                              f"take (it reads Adam's exp_avg only): resume on the rank count that saved it")
     for leftover in leftovers(folder, UNIVERSAL_SUBDIR):  # a conversion that was killed
         remove(leftover)
     try:
@@ -75,7 +73,10 @@ def ensure_universal(folder: str | Path) -> Path:
         with staged_output(out, folder=True, inside_checkpoint_ok=True, what="the universal copy") as tmp:
             remove(tmp)  # ds_to_universal creates its output folder itself
             try:
-                convert_to_universal(folder, tmp)
+                if _saved_optimizer(folder) == "muon":  # DeepSpeed's converter takes Adam's states only
+                    muon_universal.convert(folder, tmp, convert_to_universal)
+                else:
+                    convert_to_universal(folder, tmp)
             except CheckpointError:
                 raise
             except Exception as error:
@@ -116,8 +117,10 @@ def load_universal(engine, checkpoint_dir: str | Path, tag: str):
     # `"checkpoint": {"load_universal": true}` without rebuilding the engine; later saves are normal checkpoints.
     # DeepSpeed 0.19.8's ZeRO-3 universal load copies the hyperparameters of param_groups[0] into every group
     # (zero/stage3.py `_load_universal_checkpoint`: "Generally, the hyperparameters of each parameter should be
-    # the same"), which gives the no-decay group (norms, SSM scalars) weight decay. The engine was just built with
-    # the right groups, so their hyperparameters are kept; lr comes from the restored schedule.
+    # the same"), which gives the no-decay group (norms, SSM scalars) weight decay, and every group group 0's
+    # learning rate, which the next step uses before the schedule sets it again (Muon's groups each have their own
+    # lr, engine/param_groups.py). The engine was just built with the right groups, so their hyperparameters are
+    # kept; each group's lr at the checkpoint is read from the checkpoint's own param_groups.
     groups = engine.optimizer.param_groups
     kept = [{k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")} for group in groups]
     engine._config.load_universal_checkpoint = True
@@ -125,6 +128,9 @@ def load_universal(engine, checkpoint_dir: str | Path, tag: str):
         result = load_deepspeed_checkpoint(engine, checkpoint_dir, universal_load_tag(tag))
     finally:
         engine._config.load_universal_checkpoint = False
-    for group, hyperparameters in zip(engine.optimizer.param_groups, kept):
-        group.update(hyperparameters)
+    saved = load_weights_file(universal_folder(folder) / "zero" / "optimizer_state.pt", mmap=True)["param_groups"]
+    for group, hyperparameters, at_checkpoint in zip(engine.optimizer.param_groups, kept, saved, strict=True):
+        group.update(hyperparameters, **{k: at_checkpoint[k] for k in ("lr", "initial_lr") if k in at_checkpoint})
+    if muon_universal.has_momentum(universal_folder(folder)):  # DeepSpeed's loader restores Adam's states only
+        muon_universal.restore_momentum(engine.optimizer, universal_folder(folder))
     return result

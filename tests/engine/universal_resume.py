@@ -21,6 +21,11 @@ import torch  # noqa: E402
 
 STEPS, SAVE_AT, GLOBAL_BATCH, MICRO_BATCH = 6, 3, 8, 4
 MODEL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64"]
+MUON_MODEL = [*MODEL, "model.n_layers=3"]
+"""With 3 layers the Muon group of fan-in 64 (110,592 elements) splits in the middle of a layer's w1 at 2 ranks, so
+ZeRO-1/2's momentum for that matrix is held whole by both ranks (engine/checkpoint/muon_universal.py) and its layout
+differs from the fp32 partition's: with 2 layers every split fell between matrices and the two layouts coincided,
+which hid a lost ZeRO-1/2 momentum restore."""
 
 
 class Stop(Exception):
@@ -47,7 +52,7 @@ def make_recording_trainer(run_dir: Path, data_cache: str, stage: int, *, stop_a
             return metrics
 
     run = build_run_config(preset="tiny", overrides=[
-        *MODEL, f"training.zero_stage={stage}", f"training.batch_size={MICRO_BATCH}",
+        *(MUON_MODEL if optimizer == "muon" else MODEL), f"training.zero_stage={stage}", f"training.batch_size={MICRO_BATCH}",
         f"training.gradient_accumulation_steps={GLOBAL_BATCH // (MICRO_BATCH * world_size)}",
         "training.learning_rate=3e-3", "training.warmup_steps=2", f"training.max_steps={STEPS}",
         # Ten times the usual weight decay: a universal load that gave the no-decay group (norms) weight decay, as
@@ -63,6 +68,14 @@ def make_recording_trainer(run_dir: Path, data_cache: str, stage: int, *, stop_a
     return Recording(model_config=run.model, training=run.training.model_copy(update={"zero_stage": stage}),
                      data=run.data, ds_config=ds_config, run_record=record,
                      local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def optimizer_state_keys(zero_optimizer) -> list[list[str]]:
+    """The names of the states the base optimizer keeps for each ZeRO flat group (rank 0's partition)."""
+    flats = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO-3
+    if flats is None:
+        flats = zero_optimizer.single_partition_of_fp32_groups  # ZeRO-1/2
+    return [sorted(zero_optimizer.optimizer.state.get(flat, {})) for flat in flats]
 
 
 def run(role: str, data_cache: str, run_dir: Path, stage: int, optimizer: str = "adamw") -> Path:
@@ -82,7 +95,8 @@ def run(role: str, data_cache: str, run_dir: Path, stage: int, optimizer: str = 
     weights = gather_fp32_state_dict(trainer.engine.module, trainer.engine.optimizer)  # collective, ZeRO-3
     path = run_dir / f"{role}_ws{distributed.world_size()}.pt"
     if distributed.is_main_process():
-        torch.save({"losses": trainer.losses, "weights": weights, "start_step": start_step}, path)
+        torch.save({"losses": trainer.losses, "weights": weights, "start_step": start_step,
+                    "state_keys": optimizer_state_keys(trainer.engine.optimizer)}, path)
     trainer.engine.destroy()
     distributed.barrier()
     return path
