@@ -153,7 +153,8 @@ def convert(folder: str | Path, output: str | Path, convert_adam) -> None:
             momentum = _tensor(load_weights_file(param_dir / "exp_avg.pt")).reshape(shape)
         else:  # a parameter no rank stepped with Muon yet has zero momentum, as in a fresh engine
             momentum = momenta.get(name, torch.zeros(shape))
-        torch.save({"param": momentum.float().contiguous()}, param_dir / MOMENTUM_FILE)
+        # clone: a piece of a rank's flat buffer is a view, and torch.save writes a view's whole storage
+        torch.save({"param": momentum.float().clone()}, param_dir / MOMENTUM_FILE)
         for key in ("exp_avg", "exp_avg_sq"):
             torch.save({"param": _zeros_placeholder(math.prod(shape)).reshape(shape)}, param_dir / f"{key}.pt")
 

@@ -28,6 +28,12 @@ FAMILIES = {
     # Mamba-1: its A_log is 2-D, the case DeepSpeed's own rule gets wrong; d_model 32 keeps the CPU scan quick.
     "mamba": dict(model_type="mamba", vocab_size=256, max_seq_len=SEQ_LEN, d_model=32, n_layers=2, ssm_type="mamba1",
                   d_state=8, chunk_size=16),
+    # Mamba-2 (1-D A_log, dt_bias, gated norm) and the hybrid (one Mamba-2 layer, one attention layer, a SwiGLU
+    # after each), shaped like their tiny presets, smaller.
+    "mamba2": dict(model_type="mamba", vocab_size=256, max_seq_len=SEQ_LEN, d_model=32, n_layers=2, ssm_type="mamba2",
+                   d_state=8, headdim=16, expand=2, chunk_size=16),
+    "hybrid": dict(model_type="hybrid", vocab_size=256, max_seq_len=SEQ_LEN, d_model=32, n_layers=2, layer_pattern="MA",
+                   n_heads=2, n_kv_heads=1, ssm_type="mamba2", d_state=8, headdim=16, expand=2, chunk_size=16),
 }
 
 

@@ -36,8 +36,12 @@ MUON_NAMES = {
     "transformer": r"layers\.\d+\.(attn\.w[qkvo]|mlp\.w[123])\.weight",
     # Mamba mixers' projections; not conv1d (3-D filters), A_log (2-D in Mamba-1), D, dt_proj.bias, norms.
     "mamba": r"backbone\.layers\.\d+\.mixer\.(in_proj|x_proj|dt_proj|out_proj)\.weight",
+    "mamba2": r"backbone\.layers\.\d+\.mixer\.(in_proj|out_proj)\.weight",
+    # the attention layer's q/k/v/o, the Mamba-2 layer's in/out projections, both SwiGLUs
+    "hybrid": r"layers\.\d+\.(attn\.w[qkvo]|mamba\.(in_proj|out_proj)|mlp\.w[123])\.weight",
 }
-DECAYED_ADAM_NAMES = {"transformer": r"tok_embeddings\.weight", "mamba": r"backbone\.embedding\.weight"}
+DECAYED_ADAM_NAMES = {"transformer": r"tok_embeddings\.weight", "mamba": r"backbone\.embedding\.weight",
+                      "mamba2": r"backbone\.embedding\.weight", "hybrid": r"tok_embeddings\.weight"}
 
 
 def newton_schulz(update: torch.Tensor, dtype: torch.dtype, steps: int = 5) -> torch.Tensor:
@@ -145,3 +149,13 @@ def test_mamba_with_accumulation_matches_the_reference_muon(tmp_path):
     run_one_rank(tmp_path, "mamba", "2", "gram", "0", "0", "2")
     for stage in ("0", "2"):
         assert_matches_reference(tmp_path / f"mamba_ws1_acc2_gram_clip0.0_zero{stage}.pt", "mamba", 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["mamba2", "hybrid"])
+def test_mamba2_and_hybrid_match_the_reference_muon_at_every_stage(tmp_path, family):
+    """The other families on 2 ranks, ZeRO 0-3: Mamba-2's mixer (conv1d filters, 1-D A_log, D, dt_bias and the
+    gated norm stay with AdamW) and the hybrid's attention, Mamba-2 and SwiGLU matrices."""
+    run_two_ranks(muon_steps.__file__, str(tmp_path), family, "1", "gram", "0", *STAGES, cwd=tmp_path, timeout=600)
+    for stage in STAGES:
+        assert_matches_reference(tmp_path / f"{family}_ws2_acc1_gram_clip0.0_zero{stage}.pt", family, 1)

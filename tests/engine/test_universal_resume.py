@@ -83,3 +83,9 @@ def test_resume_on_another_world_size_continues_the_run(runs, optimizer, stage, 
     # left from the universal load, which would cost Adam's memory), AdamW's groups their moments and step.
     assert resumed["state_keys"] == straight["state_keys"]
     assert any(keys == ["momentum_buffer"] for keys in straight["state_keys"]) == (optimizer == "muon")
+    if optimizer == "muon":  # the universal copy costs Muon's state, not Adam's: one matrix-sized file, placeholders
+        momenta = sorted((universal_folder(folder) / "zero").glob("*/momentum_buffer.pt"))
+        assert len(momenta) == 21  # 3 layers x (wq, wk, wv, wo, w1, w2, w3)
+        for path in momenta:
+            assert path.stat().st_size <= (path.parent / "fp32.pt").stat().st_size + 4096, path
+            assert all((path.parent / f"{key}.pt").stat().st_size < 4096 for key in ("exp_avg", "exp_avg_sq"))
