@@ -10,7 +10,7 @@
 #      model, BambaForCausalLM beside it; a preset this checkout lacks gets a "skipped" row),
 #   3. the quick start's "the same command uses the GPU" path (launcher/run.py --preset tiny, a few steps),
 #   4. the newer features, each where this checkout has it: 1b_transformer's DeepSpeed step with
-#      training.optimizer=muon; long context (1b_transformer_32k on one GPU); with 2+ GPUs the Ulysses parity script
+#      training.optimizer=muon, and tiny's quick start with Muon under fp16's loss scaler; long context (1b_transformer_32k on one GPU); with 2+ GPUs the Ulysses parity script
 #      and an SP=2 throughput run (skipped, and said so, on one GPU: NCCL needs a GPU per rank),
 # GPU_CHECK_PARTS picks parts (default: install imports tests throughput quickstart features).
 # Then one Markdown table, printed and written to OUT/gpu_check.md beside OUT/gpu_check_logs.tar.gz (every log and
@@ -144,7 +144,7 @@ throughput_row() {  # throughput_row PRESET PARTS_AFTER [extra throughput.py arg
 n=${#PRESETS[@]}
 for preset in "${PRESETS[@]}"; do
     n=$((n - 1))
-    throughput_row "$preset" $((n + 3))  # the quick start and two feature rows still to come
+    throughput_row "$preset" $((n + 4))  # the quick start and three feature rows still to come
 done
 
 quickstart() {  # quickstart NAME LOG [extra --set KEY=VALUE ...]
@@ -158,7 +158,7 @@ quickstart() {  # quickstart NAME LOG [extra --set KEY=VALUE ...]
     QUICK="$(status_of), ${TOOK} s; ${device_line:-no device line found}"
 }
 if want quickstart; then
-    AFTER=2 quickstart "quick start on the GPU: launcher/run.py --preset tiny (20 steps)" quickstart.txt
+    AFTER=3 quickstart "quick start on the GPU: launcher/run.py --preset tiny (20 steps)" quickstart.txt
     row "quick start tiny on GPU" "$QUICK"
 else
     row "quick start tiny on GPU" "$NOT_WANTED"
@@ -182,9 +182,20 @@ feature_throughput() {  # feature_throughput ROW NAME CAP PARTS_AFTER PRESET [th
 }
 # Muon's step time next to AdamW's (the deepspeed contender above): same preset and plan, training.optimizer=muon
 # (a config without Muon refuses the key at once, and the row quotes the refusal).
-feature_throughput "throughput 1b_transformer, optimizer Muon (deepspeed only)" 1b_transformer_muon 120 2 \
+feature_throughput "throughput 1b_transformer, optimizer Muon (deepspeed only)" 1b_transformer_muon 120 3 \
     1b_transformer "$PY" tools/throughput.py --seq_len "$SEQ" --steps "$STEPS" --warmup 2 --contenders deepspeed \
     --set "${GPU_CHECK_MUON_SET:-training.optimizer=muon}"
+# Muon under fp16's dynamic loss scaler (DeepSpeed 0.19.8 rescales Muon's update by the loss scale at ZeRO 1-3; the
+# CPU has no fp16, so this row is its only run): the quick start at ZeRO-2, its last validation loss must be finite.
+if want features; then
+    AFTER=2 quickstart "quick start tiny, Muon with fp16, ZeRO-2" quickstart_muon_fp16.txt \
+        --set training.optimizer=muon --set training.fp16=true --set training.zero_stage=2
+    result=$(grep -o 'val_loss [^ ]*' "$WORK/quickstart_muon_fp16.txt" | tail -1)
+    [ -n "$result" ] || result=$(grep -i -m1 "error" "$WORK/quickstart_muon_fp16.txt" | cut -c1-160)
+    row "quick start tiny, Muon fp16 ZeRO-2" "$QUICK; ${result:-no validation loss in the log}"
+else
+    row "quick start tiny, Muon fp16 ZeRO-2" "$NOT_WANTED"
+fi
 # Long context on one GPU: the 32k preset's own sequence length.
 feature_throughput "throughput 1b_transformer_32k (long context, deepspeed only)" 1b_transformer_32k 150 1 \
     1b_transformer_32k "$PY" tools/throughput.py --contenders deepspeed --steps 2 --warmup 1
