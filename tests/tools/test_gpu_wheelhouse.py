@@ -222,6 +222,6 @@ def test_gpu_check_installs_the_wheelhouse_and_writes_one_table_under_out(tmp_pa
     assert rows == ["check", "wheelhouse install", "wheelhouse imports", "pytest -m gpu", "throughput test_small",
                     "throughput 1b_transformer", "throughput 1b_mamba", "throughput 1b_hybrid",
                     "quick start tiny on GPU", "throughput 1b_transformer, optimizer Muon (deepspeed only)",
-                    "throughput 1b_transformer_32k (long context, deepspeed only)", "Ulysses parity and SP=2 throughput"]
+                    "quick start tiny, Muon fp16 ZeRO-2", "throughput 1b_transformer_32k (long context, deepspeed only)", "Ulysses parity and SP=2 throughput"]
     assert "| wheelhouse install | ok, " in table and "| pytest -m gpu | skipped (not in GPU_CHECK_PARTS) |" in table
     assert (tmp_path / "out" / "gpu_check_logs.tar.gz").stat().st_size > 0
