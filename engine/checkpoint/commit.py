@@ -314,15 +314,9 @@ class CheckpointCommitter:
                     print(f"warning: checkpoint {folder} is damaged ({problem}); falling back to the previous "
                           "complete checkpoint", file=sys.stderr, flush=True)
                 continue
-            if universal.needs_universal(folder, distributed.world_size()):  # saved by another number of ranks
-                path, client_state = universal.load_universal(engine, self.checkpoint_dir, folder.name)
-            else:
-                path, client_state = load_deepspeed_checkpoint(engine, self.checkpoint_dir, folder.name)
-            if path is None:
-                raise CheckpointError(f"DeepSpeed could not load checkpoint {folder}: move it away to resume from "
-                                      "the one before, or set training.checkpoint_dir to a new folder")
-            self.resumed_tag = folder.name
-            return client_state
+            # A checkpoint saved by another number of ranks loads through DeepSpeed's universal checkpoint.
+            other_size = universal.needs_universal(folder, distributed.world_size())
+            return self._load(engine, folder, universal.load_universal if other_size else load_deepspeed_checkpoint)
         if candidates:
             raise CheckpointError(
                 f"no complete checkpoint in {self.checkpoint_dir} (all of {', '.join(p.name for _, p in candidates)} "
@@ -376,7 +370,11 @@ class CheckpointCommitter:
                 "copy every node's checkpoint_step_N into one folder on a shared file system (the nodes hold disjoint "
                 "files), set checkpoint_dir to it and training.node_local_checkpoints=false; the resume then goes "
                 "through DeepSpeed's universal checkpoint")
-        path, client_state = load_deepspeed_checkpoint(engine, self.checkpoint_dir, folder.name)
+        return self._load(engine, folder, load_deepspeed_checkpoint)
+
+    def _load(self, engine, folder: Path, loader) -> dict[str, Any]:
+        """`loader(engine, checkpoint_dir, tag)` for `folder`, which becomes `resumed_tag`; returns the client state."""
+        path, client_state = loader(engine, self.checkpoint_dir, folder.name)
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {folder}: move it away to resume from the one "
                                   "before, or set training.checkpoint_dir to a new folder")
