@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import torch
+
 from data.output import leftovers, remove, staged_output
 from engine.errors import CheckpointError
 from engine.checkpoint import muon_universal
@@ -131,6 +133,14 @@ def load_universal(engine, checkpoint_dir: str | Path, tag: str):
     saved = load_weights_file(universal_folder(folder) / "zero" / "optimizer_state.pt", mmap=True)["param_groups"]
     for group, hyperparameters, at_checkpoint in zip(engine.optimizer.param_groups, kept, saved, strict=True):
         group.update(hyperparameters, **{k: at_checkpoint[k] for k in ("lr", "initial_lr") if k in at_checkpoint})
+    # DeepSpeed 0.19.8's ZeRO-3 universal load puts one and the same `step` tensor into every sub-group's state
+    # (stage3.py `load_hp_checkpoint_state_from_checkpoint_dir_stage3`); torch's AdamW increments it in place, so
+    # with k sub-groups the count ran k steps per step after the resume and every group after the first took its
+    # bias correction from a wrong step (seen: the weights 2e-4 off the uninterrupted run within 3 steps; the same
+    # on the same rank count through the universal format). Each state gets its own copy.
+    for state in engine.optimizer.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
     if muon_universal.has_momentum(universal_folder(folder)):  # DeepSpeed's loader restores Adam's states only
         muon_universal.restore_momentum(engine.optimizer, universal_folder(folder))
     return result

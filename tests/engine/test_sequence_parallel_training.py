@@ -55,9 +55,10 @@ def test_split_sequences_train_as_data_parallel_and_resume_unsplit(tmp_path, dat
     # to ~lr; the losses above are the tight check.
     for name, weight in split["weights"].items():
         torch.testing.assert_close(resumed["weights"][name], weight, rtol=0, atol=3e-3)
-    # After the last update: ZeRO-3's universal load drifts up to ~3e-4 in the loss a few steps on
-    # (tests/engine/test_universal_resume.py LOSS_RTOL, measured there without sequence parallelism).
-    assert split["val_loss"] == pytest.approx(resumed["val_loss"], rel=1e-3)
+    # After the last update: the universal load restores the states exactly (tests/engine/test_universal_resume.py),
+    # so only fp32 sums in another order separate the two (the old 1e-3 allowed for the step counter that
+    # DeepSpeed's ZeRO-3 universal load shared between sub-groups, engine/checkpoint/universal.py).
+    assert split["val_loss"] == pytest.approx(resumed["val_loss"], rel=1e-5)
     # eval_batches 2 x micro-batch 2 x 2 data-parallel ranks windows of 64 tokens, each once, in both runs.
     assert split["val_tokens"] == resumed["val_tokens"] == 2 * 2 * 2 * 64
     assert split["tokens_per_step"] == resumed["tokens_per_step"] == 4 * 64

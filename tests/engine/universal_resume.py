@@ -57,7 +57,7 @@ def make_recording_trainer(run_dir: Path, data_cache: str, stage: int, *, stop_a
         "training.learning_rate=3e-3", "training.warmup_steps=2", f"training.max_steps={STEPS}",
         # Ten times the usual weight decay: a universal load that gave the no-decay group (norms) weight decay, as
         # DeepSpeed's ZeRO-3 universal load does (engine/checkpoint/universal.py), then moves those weights ~1e-2 in the
-        # steps after the switch, far above the ZeRO-3 drift that WEIGHT_TOL allows (test_universal_resume.py).
+        # steps after the switch, far above what WEIGHT_TOL allows (test_universal_resume.py).
         "training.weight_decay=1.0",
         f"training.save_interval={SAVE_AT}", f"training.eval_interval={STEPS}", "training.eval_batches=1",
         "training.sample_tokens=0", f"training.checkpoint_dir={run_dir / 'ckpt'}",
