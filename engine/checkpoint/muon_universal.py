@@ -39,6 +39,7 @@ import re
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from engine.errors import CheckpointError
 from engine.checkpoint.safe_load import load_weights_file
@@ -134,7 +135,7 @@ def convert(folder: str | Path, output: str | Path, convert_adam) -> None:
     stage3 = not any(folder.glob("mp_rank_*_model_states.pt"))  # ZeRO-3 writes one model file per rank instead
     shapes = None if stage3 else load_weights_file(next(folder.glob("mp_rank_*_model_states.pt")),
                                                    mmap=True)["param_shapes"]
-    for path in _optim_files(folder).values():
+    for path in tqdm(list(_optim_files(folder).values()), desc="Muon: Adam-shaped view", unit="rank"):
         optim = load_weights_file(path, mmap=True)
         if not stage3:
             _zero12_momenta(optim["optimizer_state_dict"], shapes, momenta)
@@ -147,7 +148,7 @@ def convert(folder: str | Path, output: str | Path, convert_adam) -> None:
     for path in view.iterdir():
         path.unlink()
     view.rmdir()
-    for name, shape in _muon_parameter_shapes(folder, stage3).items():
+    for name, shape in tqdm(_muon_parameter_shapes(folder, stage3).items(), desc="Muon: momenta", unit="tensor"):
         param_dir = output / "zero" / name
         if stage3:  # DeepSpeed merged the momentum it read as exp_avg
             momentum = _tensor(load_weights_file(param_dir / "exp_avg.pt")).reshape(shape)
