@@ -7,7 +7,7 @@ just `momentum_buffer`), and its universal loaders restore Adam's states only (Z
 master weights and of AdamW's moments, the universal load, the slicing for the new ranks.
 
 Where a running engine keeps Muon's momentum (DeepSpeed 0.19.8, read in its source, confirmed by the shapes in
-saved checkpoints and by tests/engine/test_muon_resume.py):
+saved checkpoints and by tests/engine/test_universal_resume.py):
 - ZeRO-1/2 (`stage_1_and_2.py` `_muon_momentum_buffer`): per parameter group, one flat buffer holding the WHOLE
   momentum of every parameter that has a fragment in the rank's partition, in group order (Newton-Schulz needs the
   whole matrix, so a matrix split between two partitions is held whole by both ranks). Its dtype follows the
@@ -16,9 +16,9 @@ saved checkpoints and by tests/engine/test_muon_resume.py):
   master partition (each parameter's `partition_numel()` slice, padded, one after another).
 
 Conversion (`convert`, rank 0, once, into the folder engine/checkpoint/universal.py stages):
-1. an Adam-shaped view of the checkpoint in a temporary folder: each rank's optimizer file with every Muon
-   group's state given Adam's keys (ZeRO-3: its momentum as `exp_avg`, which has the fp32 layout there; ZeRO-1/2:
-   zeros, the momentum being taken out in step 3), the model files linked;
+1. an Adam-shaped view of the checkpoint in a temporary folder (`adam_view` in the output): each rank's
+   optimizer file with every Muon group's state given Adam's keys (ZeRO-3: its momentum as `exp_avg`, which has
+   the fp32 layout there; ZeRO-1/2: zeros, the momentum being taken out in step 3), the model files linked;
 2. DeepSpeed's converter on that view;
 3. each Muon parameter's whole momentum written as `zero/<name>/momentum_buffer.pt` ({'param': fp32 tensor}, the
    universal format's own file layout), and its `exp_avg.pt` / `exp_avg_sq.pt` replaced by zero placeholders of
