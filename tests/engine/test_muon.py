@@ -144,10 +144,10 @@ def test_two_ranks_zero_0_to_3_match_the_reference_muon(tmp_path):
 
 @pytest.mark.slow
 def test_mamba_with_accumulation_matches_the_reference_muon(tmp_path):
-    """Mamba-1 (conv1d filters and a 2-D A_log that must stay with AdamW) at ZeRO-0 and ZeRO-2, two micro-batches
-    per step: Muon must run once per step on the accumulated gradient."""
-    run_one_rank(tmp_path, "mamba", "2", "gram", "0", "0", "2")
-    for stage in ("0", "2"):
+    """Mamba-1 (conv1d filters and a 2-D A_log that must stay with AdamW) at ZeRO 0-3, two micro-batches per step:
+    Muon must run once per step on the accumulated gradient."""
+    run_one_rank(tmp_path, "mamba", "2", "gram", "0", *STAGES)
+    for stage in STAGES:
         assert_matches_reference(tmp_path / f"mamba_ws1_acc2_gram_clip0.0_zero{stage}.pt", "mamba", 2)
 
 
