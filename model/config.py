@@ -76,7 +76,11 @@ class ModelConfig(BaseModel):
                 problems.append(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if self.model_type == "transformer" and self.n_heads >= 1:
+        # Rules of the attention layers (the Transformer's and the hybrid's) and of the Mamba-2 layers (Mamba-2's and
+        # the hybrid's), stated once; model/hybrid/config.py adds the hybrid's own.
+        attention = self.model_type in ("transformer", "hybrid")
+        mamba2 = self.model_type == "hybrid" or (self.model_type == "mamba" and self.ssm_type == "mamba2")
+        if attention and self.n_heads >= 1:
             if self.d_model % self.n_heads:
                 problems.append(
                     f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads}): "
@@ -87,7 +91,7 @@ class ModelConfig(BaseModel):
             if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
                 problems.append(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads "
                                 f"({self.n_kv_heads}): set n_kv_heads to a divisor of n_heads")
-        if self.model_type == "mamba" and self.ssm_type == "mamba2":
+        if mamba2:
             d_inner = self.expand * self.d_model
             if self.headdim < 1 or d_inner % self.headdim:
                 problems.append(f"expand * d_model = {d_inner} must be divisible by model.headdim ({self.headdim}): "
@@ -95,7 +99,7 @@ class ModelConfig(BaseModel):
             elif self.ngroups < 1 or (d_inner // self.headdim) % self.ngroups:
                 problems.append(f"the {d_inner // self.headdim} Mamba-2 heads must split into model.ngroups "
                                 f"({self.ngroups}) equal groups: set ngroups to a divisor of the head count")
-        if self.model_type == "mamba":
+        if self.model_type in ("mamba", "hybrid"):
             for name in ("d_state", "d_conv", "expand", "chunk_size"):
                 if getattr(self, name) < 1:
                     problems.append(f"model.{name} must be >= 1, got {getattr(self, name)}")

@@ -59,7 +59,8 @@ def attention_layers(config: Any) -> list[int]:
 
 
 def config_problems(config: Any) -> list[str]:
-    """Every reason `config` cannot build a hybrid model (empty when it can)."""
+    """The hybrid's own reasons `config` cannot build a hybrid model (empty when it can); the rules of its
+    attention and Mamba-2 layers are the Transformer's and Mamba-2's, checked in model/config.py."""
     problems = []
     if config.layer_pattern is None:
         problems.append("model.layer_pattern is required for model_type hybrid: e.g. \"MMMMMMMA\" (one attention "
@@ -72,24 +73,4 @@ def config_problems(config: Any) -> list[str]:
     if config.ssm_type != "mamba2":
         problems.append(f"model.ssm_type={config.ssm_type!r}: the hybrid's Mamba layers are Mamba-2 (as Bamba, "
                         "Nemotron-H, Granite-4.0-H): set ssm_type mamba2")
-    if config.n_heads >= 1:
-        if config.d_model % config.n_heads:
-            problems.append(f"model.d_model ({config.d_model}) must be divisible by model.n_heads ({config.n_heads}) "
-                            "for the attention layers: change one of them")
-        elif (config.d_model // config.n_heads) % 2:
-            problems.append(f"attention head dim d_model/n_heads = {config.d_model // config.n_heads} must be even "
-                            "for rotary embeddings: change model.n_heads")
-        if config.n_kv_heads is not None and (config.n_kv_heads < 1 or config.n_heads % config.n_kv_heads):
-            problems.append(f"model.n_heads ({config.n_heads}) must be a multiple of model.n_kv_heads "
-                            f"({config.n_kv_heads}): set n_kv_heads to a divisor of n_heads")
-    for name in ("d_state", "d_conv", "expand", "chunk_size"):
-        if getattr(config, name) < 1:
-            problems.append(f"model.{name} must be >= 1, got {getattr(config, name)}")
-    d_inner = config.expand * config.d_model
-    if config.headdim < 1 or d_inner % config.headdim:
-        problems.append(f"expand * d_model = {d_inner} must be divisible by model.headdim ({config.headdim}) for the "
-                        "Mamba-2 layers: change model.headdim")
-    elif config.ngroups < 1 or (d_inner // config.headdim) % config.ngroups:
-        problems.append(f"the {d_inner // config.headdim} Mamba-2 heads must split into model.ngroups "
-                        f"({config.ngroups}) equal groups: set ngroups to a divisor of the head count")
     return problems
